@@ -1,0 +1,37 @@
+# rslib: `make demo` runs the main job, `make test` runs the test suite; both set up .venv first if needed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.rslib-installed
+
+.PHONY: setup demo test bench tutorial sync lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/rslib run params/demo.yaml
+
+tutorial: $(STAMP)
+	$(VENV)/bin/rslib run params/tutorial.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_noise_sampling.py
+	$(PY) benchmarks/bench_tables.py
+
+sync: $(STAMP)
+	$(VENV)/bin/jupytext --sync notebooks/*.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check rslib tests benchmarks
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

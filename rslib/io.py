@@ -1,0 +1,130 @@
+"""Atomic file writes and run provenance."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import rslib
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
+@contextmanager
+def atomic_writer(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file beside `path`; on clean exit fsync it and rename it onto `path`.
+
+    `mode` is "w" (UTF-8 text) or "wb". On any error the temporary file is removed and
+    `path` is left untouched, so readers never see a half-written file.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_writer mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.NamedTemporaryFile(
+        mode,
+        dir=path.parent,
+        prefix=f".{path.name}.",
+        suffix=".tmp",
+        delete=False,
+        encoding=None if mode == "wb" else "utf-8",
+    )
+    try:
+        with tmp:
+            yield tmp
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.chmod(tmp.name, _FILE_MODE)
+        os.replace(tmp.name, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp.name)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Atomically write UTF-8 text to `path`."""
+    with atomic_writer(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Atomically write bytes to `path`."""
+    with atomic_writer(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Atomically write `obj` as indented JSON to `path`."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _git(repo: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(repo), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def _git_state() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout rslib was imported from, or (None, None)."""
+    root = Path(rslib.__file__).resolve().parents[1]
+    top = _git(root, "rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != root:
+        return None, None
+    commit = _git(root, "rev-parse", "HEAD")
+    status = _git(root, "status", "--porcelain")
+    return commit, (None if status is None else bool(status))
+
+
+def _cpu_name() -> str:
+    with suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def provenance() -> dict[str, Any]:
+    """Versions, git commit, host, device and UTC time describing where a result was made."""
+    import torch
+
+    commit, dirty = _git_state()
+    cuda = torch.cuda.is_available()
+    return {
+        "rslib_version": rslib.__version__,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "python_version": platform.python_version(),
+        "python_executable": sys.executable,
+        "torch_version": torch.__version__,
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "device": torch.cuda.get_device_name() if cuda else _cpu_name(),
+        "cuda_available": cuda,
+        "timestamp_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,291 @@
+"""The papermill runner behind ``rslib run``: executes stage notebooks into outputs/<experiment>/."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rslib import params
+from rslib.io import atomic_write_json, atomic_write_text, provenance
+
+
+class RunError(RuntimeError):
+    """The run cannot start (e.g. a stage notebook is missing)."""
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """What ``run`` will do with one stage, and why."""
+
+    name: str
+    notebook: Path
+    action: Literal["run", "skip"]
+    reason: str
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """Outcome of one stage: status is 'ran', 'skipped', 'failed' or 'not run' (after a failure)."""
+
+    name: str
+    status: Literal["ran", "skipped", "failed", "not run"]
+    seconds: float = 0.0
+    notebook: Path | None = None
+    error: str | None = None
+
+
+@dataclass
+class RunReport:
+    """Per-stage outcomes of one ``run`` call."""
+
+    experiment: str
+    output_dir: Path
+    stages: list[StageResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every stage ran or was skipped."""
+        return all(s.status in ("ran", "skipped") for s in self.stages)
+
+
+def default_notebooks_dir() -> Path:
+    """The source checkout's ``notebooks/`` folder."""
+    import rslib
+
+    return Path(rslib.__file__).resolve().parents[1] / "notebooks"
+
+
+def experiment_dir(exp: params.Experiment, output_root: str | os.PathLike[str] = "outputs") -> Path:
+    """Absolute ``<output_root>/<experiment>`` folder."""
+    return Path(output_root).resolve() / exp.experiment
+
+
+def _marker(exp_dir: Path, stage: str) -> Path:
+    return exp_dir / "notebooks" / f"{stage}.done.json"
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def plan(
+    exp: params.Experiment,
+    only: Sequence[str] | None = None,
+    force: bool = False,
+    output_root: str | os.PathLike[str] = "outputs",
+    notebooks_dir: str | os.PathLike[str] | None = None,
+) -> list[PlannedStage]:
+    """Decide, without side effects, which stages run and which are skipped as finished."""
+    if only is not None:
+        if not only:
+            raise params.ParamsError("only: no stage names given")
+        for name in only:
+            if name not in exp.stages:
+                raise params.ParamsError(
+                    f"only: stage {name!r} is not among the stages of experiment "
+                    f"'{exp.experiment}' ({', '.join(exp.stages)})"
+                )
+    nb_dir = Path(notebooks_dir) if notebooks_dir is not None else default_notebooks_dir()
+    if not nb_dir.is_dir():
+        raise RunError(
+            f"notebooks folder {nb_dir} not found: the stage notebooks ship with the source "
+            "checkout (git clone the repository and install it with pip install -e .), "
+            "or pass notebooks_dir / --notebooks-dir"
+        )
+    exp_dir = experiment_dir(exp, output_root)
+    digest = exp.digest()
+    planned = []
+    for name in exp.stages:
+        if only is not None and name not in only:
+            continue
+        notebook = nb_dir / f"{params.STAGES[name].notebook}.ipynb"
+        if not notebook.is_file():
+            raise RunError(f"stage {name!r}: notebook {notebook} not found")
+        marker = _read_marker(_marker(exp_dir, name))
+        if marker is None:
+            action, reason = "run", "not run yet"
+        elif force:
+            action, reason = "run", "forced"
+        elif marker.get("digest") != digest:
+            action, reason = "run", "parameters changed since it finished"
+        else:
+            action, reason = "skip", f"finished {marker.get('finished_at', '')}".strip()
+        planned.append(PlannedStage(name, notebook, action, reason))
+    return planned
+
+
+def format_plan(exp: params.Experiment, planned: list[PlannedStage], exp_dir: Path) -> str:
+    """A short human-readable plan."""
+    lines = [f"experiment '{exp.experiment}' -> {exp_dir}"]
+    lines += [f"  {p.name}: {p.action} ({p.reason})" for p in planned]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- kernel
+
+_PYTHON_ALIASES = {"python", f"python{sys.version_info[0]}", "python{}.{}".format(*sys.version_info[:2])}
+
+
+def _launches_this_python(argv: Sequence[str]) -> bool:
+    """Whether a kernelspec argv starts this interpreter (jupyter_client maps 'python' to it)."""
+    exe = argv[0] if argv else ""
+    return exe in _PYTHON_ALIASES or os.path.abspath(exe) == os.path.abspath(sys.executable)
+
+
+def kernel_for_current_python(work_dir: Path) -> tuple[str, Path | None]:
+    """A kernel name that runs ``sys.executable``, and the JUPYTER_PATH entry it needs (or None).
+
+    The environment's ``python3`` kernelspec is used when it launches this interpreter;
+    otherwise a kernelspec for ``sys.executable`` is written under ``work_dir/.jupyter``.
+    """
+    from ipykernel.kernelspec import write_kernel_spec
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        argv = KernelSpecManager().get_kernel_spec("python3").argv
+    except NoSuchKernel:
+        argv = []
+    if _launches_this_python(argv):
+        return "python3", None
+    name = "rslib-" + hashlib.sha256(sys.executable.encode()).hexdigest()[:12]
+    jupyter_dir = work_dir / ".jupyter"
+    spec_dir = jupyter_dir / "kernels" / name
+    shutil.rmtree(spec_dir, ignore_errors=True)
+    write_kernel_spec(spec_dir, overrides={"display_name": f"Python ({sys.executable})"})
+    return name, jupyter_dir
+
+
+@contextmanager
+def _jupyter_path(extra: Path | None) -> Iterator[None]:
+    """Temporarily put ``extra`` first on JUPYTER_PATH (no-op for None)."""
+    if extra is None:
+        yield
+        return
+    old = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = os.pathsep.join([str(extra), *([old] if old else [])])
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["JUPYTER_PATH"]
+        else:
+            os.environ["JUPYTER_PATH"] = old
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def _execute(stage: PlannedStage, exp_dir: Path, digest: str, kernel: str) -> StageResult:
+    """Run one stage notebook; write the executed notebook and, on success, the marker."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    nb_dir = exp_dir / "notebooks"
+    final = nb_dir / f"{stage.name}.ipynb"
+    failed = nb_dir / f"{stage.name}.failed.ipynb"
+    partial = nb_dir / f".{stage.name}.partial.ipynb"
+    _marker(exp_dir, stage.name).unlink(missing_ok=True)
+    ok, error = False, None
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            str(stage.notebook),
+            str(partial),
+            parameters={"params_file": str(exp_dir / "params.yaml"), "output_dir": str(exp_dir)},
+            kernel_name=kernel,
+            language="python",
+            cwd=str(exp_dir),
+            progress_bar=False,
+            log_output=False,
+        )
+        ok = True
+    except PapermillExecutionError as err:
+        error = f"{err.ename}: {err.evalue}"
+    except Exception as err:  # kernel death, unreadable notebook, ...: still a failed stage
+        error = f"{type(err).__name__}: {err}"
+    finally:
+        if partial.exists():
+            os.replace(partial, final if ok else failed)
+    seconds = time.perf_counter() - start
+    if not ok:
+        return StageResult(stage.name, "failed", seconds, failed if failed.exists() else None, error)
+    failed.unlink(missing_ok=True)
+    atomic_write_json(
+        _marker(exp_dir, stage.name),
+        {
+            "stage": stage.name,
+            "digest": digest,
+            "notebook": final.name,
+            "seconds": round(seconds, 3),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "provenance": provenance(),
+        },
+    )
+    return StageResult(stage.name, "ran", seconds, final)
+
+
+def run(
+    params_path: str | os.PathLike[str],
+    only: Sequence[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    force: bool = False,
+    output_root: str | os.PathLike[str] = "outputs",
+    notebooks_dir: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> RunReport:
+    """Validate an experiment, then execute its (selected) stage notebooks in order.
+
+    Finished stages whose marker matches the parameter digest are skipped unless ``force``.
+    The first failing stage stops the run; its notebook is kept as ``<stage>.failed.ipynb``.
+    Raises ``ParamsError`` or ``RunError`` before any output is written if the setup is invalid.
+    """
+    exp = params.load(params_path, **(overrides or {}))
+    exp_dir = experiment_dir(exp, output_root)
+    planned = plan(exp, only, force, output_root, notebooks_dir)
+    log(format_plan(exp, planned, exp_dir))
+
+    for sub in ("notebooks", "results", "figures"):
+        (exp_dir / sub).mkdir(parents=True, exist_ok=True)
+    header = f"# Resolved parameters of {exp.source}, written by rslib run.\n"
+    if overrides:
+        header += "# Overrides: " + ", ".join(f"{k}={v!r}" for k, v in overrides.items()) + "\n"
+    atomic_write_text(exp_dir / "params.yaml", header + yaml.safe_dump(exp.to_dict(), sort_keys=False))
+    atomic_write_json(exp_dir / "provenance.json", provenance())
+
+    report = RunReport(exp.experiment, exp_dir)
+    digest = exp.digest()
+    kernel: tuple[str, Path | None] | None = None
+    for i, stage in enumerate(planned):
+        if stage.action == "skip":
+            log(f"{stage.name}: skipped ({stage.reason})")
+            notebook = exp_dir / "notebooks" / f"{stage.name}.ipynb"
+            report.stages.append(StageResult(stage.name, "skipped", notebook=notebook))
+            continue
+        if kernel is None:
+            kernel = kernel_for_current_python(exp_dir)
+        log(f"{stage.name}: running {stage.notebook.name} ({stage.reason})")
+        with _jupyter_path(kernel[1]):
+            result = _execute(stage, exp_dir, digest, kernel[0])
+        report.stages.append(result)
+        if result.status == "failed":
+            log(f"{stage.name}: FAILED after {result.seconds:.1f} s: {result.error}")
+            report.stages += [StageResult(p.name, "not run") for p in planned[i + 1 :]]
+            break
+        log(f"{stage.name}: done in {result.seconds:.1f} s")
+    return report
