@@ -223,7 +223,7 @@ class UniformBall(Noise):
         return (2.0,)
 
     def method(self, norm):
-        return "closed form 2 - 4 BetaInv(3/4 - rho/2; (d+1)/2, (d+1)/2)"
+        return "closed form lambd (2 - 4 BetaInv(3/4 - rho/2; (d+1)/2, (d+1)/2))"
 
     def _unit_radius(self, rho, norm):
         half = (self.dim + 1) / 2
@@ -398,7 +398,7 @@ class Exp2(Noise):
 
     def method(self, norm):
         if self.j == 0 and self.k == 1:
-            return "closed form (d-1) atanh(1 - 2 BetaInv(1 - rho; (d-1)/2, (d-1)/2))"
+            return "closed form lambd (d-1) atanh(1 - 2 BetaInv(1 - rho; (d-1)/2, (d-1)/2)) (slightly conservative)"
         if self.j == 0 and self.k == 2:
             return "closed form lambd PhiInv(rho) / sqrt(2) (a Gaussian)"
         return LEVEL_SET
