@@ -31,8 +31,8 @@ def test_lookup_is_a_tight_lower_bound_between_and_beyond_nodes():
     truth = -np.log(2 * (1 - rho))
     got = table.lookup(rho)
     assert np.all(got <= truth + 1e-15)
-    inside = rho <= 0.99
-    assert np.max(truth[inside] - got[inside]) < 0.05  # coarse nodes: still close
+    inside = rho <= 0.9
+    assert np.max(truth[inside] - got[inside]) < 0.01  # coarse nodes (0.01 apart): still close
     assert np.all(np.diff(got) >= 0)  # past the last node: its tangent, a valid (loose) bound
     assert np.all(table.lookup(np.array([0.0, 0.2, 0.5])) == 0)
 
