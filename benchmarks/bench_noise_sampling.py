@@ -10,7 +10,6 @@ depend on how fast the machine is. Target: every ratio <= 4. Results go to
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -51,7 +50,8 @@ def main() -> None:
         if name == "Pow2":
             params = {"k": 2, "a": dim / 2 + 10}
         noise = make_noise(name, dim, sigma=0.5, **params)
-        seconds = median_seconds(lambda: noise.sample(x, generator=generator), args.repeats, sync=sync)
+        seconds = median_seconds(lambda noise=noise: noise.sample(x, generator=generator), args.repeats,
+                                 sync=sync)
         label = f"{name}{params}" if params else name
         rows.append({"noise": label, "ms": seconds * 1e3, "ratio_to_randn_like": seconds / baseline,
                      "samples_per_s": args.batch / seconds})

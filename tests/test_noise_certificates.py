@@ -161,7 +161,7 @@ def _laplace_linf_exact(dim: int, rho: float) -> float:
     k = np.arange(dim, -1, -1)
     tail = special.bdtrc(k, dim, 0.5)  # P(B > k), increasing along k descending
     total, lo, hi = 0.0, 1 - rho, 0.5
-    for kk, t0, t1 in zip(k, tail, np.append(tail[1:], 1.0)):
+    for kk, t0, t1 in zip(k, tail, np.append(tail[1:], 1.0), strict=True):
         a, b = max(lo, t0), min(hi, t1)
         if a >= b:
             continue

@@ -105,7 +105,7 @@ class Noise(ABC):
             self.sigma = self.lambd * unit
 
     # --- distribution-specific pieces -------------------------------------------------------
-    def _check_params(self) -> None:
+    def _check_params(self) -> None:  # noqa: B027 - optional hook; most noises have no parameters
         """Validate distribution parameters (raise ValueError naming the parameter)."""
 
     def _infinite_sigma_hint(self) -> str:

@@ -35,7 +35,13 @@ from rslib.noises import sampling
 from rslib.noises.base import Noise, check_positive
 from rslib.noises.differential import GRID_SPEC, differential_table
 from rslib.noises.levelset import (
-    NODES, RADIUS_GRID, RHO_CEILING, SCORE_LIMIT, SLOPE_MARGIN, SphericalLaw, levelset_table,
+    NODES,
+    RADIUS_GRID,
+    RHO_CEILING,
+    SCORE_LIMIT,
+    SLOPE_MARGIN,
+    SphericalLaw,
+    levelset_table,
 )
 from rslib.noises.tables import RadiusTable, cached_table, table_key
 
