@@ -1,20 +1,83 @@
-"""Datasets as torch ``TensorDataset``s of images in [0, 1] pixel space.
+"""Datasets of ``(image, label)`` pairs in [0, 1] pixel space, loaders and evaluation subsets.
 
-Only the embedded scikit-learn digits for now: 1797 real 8x8 grey-scale handwritten digits that
-ship with scikit-learn, so demos, tests and CI need no download.
+Every dataset yields an image as a float32 tensor of shape (C, H, W) with values in [0, 1] and
+its label as a 0-dim int64 tensor. Normalization is *not* applied here: it lives inside the
+models, so smoothing noise is added in pixel space.
+
+=========  ===============  =======  ==================================================
+name       image shape      classes  source
+=========  ===============  =======  ==================================================
+digits     (1, 8, 8)        10       scikit-learn's bundled 8x8 digits (no download)
+mnist      (1, 28, 28)      10       torchvision ``MNIST`` under ``data_dir``
+cifar10    (3, 32, 32)      10       the python-pickle batches under ``data_dir``
+imagenet   (3, 224, 224)    1000     ``ImageFolder`` trees ``data_dir/train``, ``data_dir/val``
+=========  ===============  =======  ==================================================
+
+Missing data raises :class:`DatasetNotFoundError` (a ``FileNotFoundError``) naming the dataset,
+the folder searched and how to obtain the data; unreadable data raises
+:class:`DatasetCorruptError` naming the file.
+
+CIFAR-10 is read by this module's own reader of the standard ``cifar-10-batches-py`` pickles rather
+than by ``torchvision.datasets.CIFAR10``: torchvision verifies every batch against the md5 sums of
+the official release and answers any mismatch (a missing file, a truncated download, a small test
+fixture) with one generic "not found or corrupted" error. The reader here checks the structure of
+each batch instead, names the file that is wrong, and unpickles through an allow-list (plain
+containers and NumPy arrays only), so a batch file cannot run code. Downloading still goes through
+torchvision's md5-checked download of the official archive.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 DIGITS_SHAPE = (1, 8, 8)
 DIGITS_CLASSES = 10
+
+#: The single source of truth for input shapes: dataset name -> ((C, H, W), number of classes).
+DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+    "digits": (DIGITS_SHAPE, DIGITS_CLASSES),
+    "mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+    "imagenet": ((3, 224, 224), 1000),
+}
+
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILES = ("test_batch",)
+CIFAR10_META_FILE = "batches.meta"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+
+MNIST_RAW_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+# Extensions ImageFolder accepts (torchvision.datasets.folder.IMG_EXTENSIONS), lower case.
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The data for a dataset is not where it was looked for (or no folder was given)."""
+
+
+class DatasetCorruptError(ValueError):
+    """A data file exists but cannot be read as the dataset's format."""
+
+
+# ---------------------------------------------------------------------------------------------
+# digits (embedded)
+# ---------------------------------------------------------------------------------------------
 
 
 @lru_cache(maxsize=8)
@@ -57,3 +120,434 @@ def load_digits(
     images, labels = _digits_split(int(seed), test_fraction)[split]
     # Copies, so callers may modify their tensors without touching the cached arrays.
     return TensorDataset(torch.from_numpy(images.copy()), torch.from_numpy(labels.copy()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _label_tensor(label: Any) -> torch.Tensor:
+    return torch.tensor(int(label), dtype=torch.int64)
+
+
+def _require_data_dir(name: str, data_dir: str | os.PathLike[str] | None, how: str) -> Path:
+    if data_dir is None:
+        raise DatasetNotFoundError(
+            f"dataset '{name}' is read from a folder, but data.data_dir is not set: set data.data_dir "
+            f"to the folder that holds it ({how})"
+        )
+    return Path(data_dir).expanduser()
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST
+# ---------------------------------------------------------------------------------------------
+
+
+def _mnist_how(root: Path) -> str:
+    raw = root / "MNIST" / "raw"
+    return (
+        f"pass data.download: true on a machine with internet access, or copy the four "
+        f"uncompressed files {', '.join(MNIST_RAW_FILES['train'] + MNIST_RAW_FILES['test'])} into {raw}"
+    )
+
+
+def _load_mnist(root: Path | None, split: str, download: bool, augment: bool) -> Dataset:
+    from torchvision import datasets, transforms
+
+    root = _require_data_dir("mnist", root, "its MNIST/raw/*-ubyte files")
+    raw = root / "MNIST" / "raw"
+    needed = [raw / f for f in MNIST_RAW_FILES[split]]
+    legacy = root / "MNIST" / "processed"
+    has_legacy = (legacy / "training.pt").is_file() and (legacy / "test.pt").is_file()
+    if download and not has_legacy and not all(p.is_file() for p in needed):
+        try:
+            datasets.MNIST(str(root), train=split == "train", download=True)
+        except Exception as exc:  # network errors come in many types (URLError, HTTPError, ...)
+            raise DatasetNotFoundError(
+                f"dataset 'mnist': downloading into {raw} failed ({type(exc).__name__}: {exc}); "
+                f"{_mnist_how(root)}"
+            ) from exc
+    if not has_legacy:
+        missing = [p.name for p in needed if not p.is_file()]
+        if missing:
+            raise DatasetNotFoundError(
+                f"dataset 'mnist' ({split}) not found: searched {raw}, missing {', '.join(missing)}; "
+                f"{_mnist_how(root)}"
+            )
+    try:
+        return datasets.MNIST(
+            str(root), train=split == "train", transform=transforms.ToTensor(),
+            target_transform=_label_tensor,
+        )
+    except (AssertionError, ValueError, RuntimeError, EOFError, OSError) as exc:
+        files = ", ".join(str(p) for p in needed)
+        raise DatasetCorruptError(
+            f"dataset 'mnist' ({split}): cannot read {files} as MNIST idx files "
+            f"({type(exc).__name__}: {exc}); delete them and download again"
+        ) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10
+# ---------------------------------------------------------------------------------------------
+
+# The globals a CIFAR batch pickle may name: NumPy's array reconstruction (NumPy 1.x and 2.x
+# module names) and the codec Python 3 uses for ``bytes`` under pickle protocol 2.
+_PICKLE_ALLOWED = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (not part of a CIFAR batch)")
+        return super().find_class(module, name)
+
+
+def _read_pickle(path: Path) -> dict[str, Any]:
+    """A CIFAR batch pickle as a dict with ``str`` keys (Python 2 and 3 pickles alike)."""
+    with open(path, "rb") as f:
+        # latin1 turns Python 2 byte strings (and NumPy 1.x array buffers) back into what they were.
+        obj = _BatchUnpickler(f, encoding="latin1").load()
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a dict, found {type(obj).__name__}")
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        batch = _read_pickle(path)
+        data, labels = batch.get("data"), batch.get("labels")
+        if data is None or labels is None:
+            raise ValueError(f"keys 'data' and 'labels' are required; found {sorted(batch)}")
+        data = np.asarray(data)
+        labels = np.asarray(labels)
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"'data' must be uint8 of shape (N, 3072); found {data.dtype} {data.shape}")
+        if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"'labels' must be {len(data)} integers; found {labels.dtype} {labels.shape}")
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(CIFAR10_CLASSES)):
+            raise ValueError(f"labels must lie in 0..9; found {labels.min()}..{labels.max()}")
+    except Exception as exc:
+        raise DatasetCorruptError(
+            f"dataset 'cifar10': {path} is not a readable CIFAR-10 batch ({type(exc).__name__}: {exc}); "
+            f"replace the '{CIFAR10_FOLDER}' folder with a fresh copy (or delete it and pass "
+            f"data.download: true)"
+        ) from exc
+    # Rows are 1024 red, 1024 green then 1024 blue values of a 32x32 image: (N, C, H, W) directly.
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def _read_cifar_classes(path: Path) -> tuple[str, ...]:
+    if not path.is_file():
+        return CIFAR10_CLASSES
+    try:
+        names = _read_pickle(path)["label_names"]
+        names = tuple(n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names)
+        if len(names) != len(CIFAR10_CLASSES):
+            raise ValueError(f"expected 10 label names; found {len(names)}")
+    except Exception as exc:
+        raise DatasetCorruptError(
+            f"dataset 'cifar10': {path} is not a readable CIFAR-10 meta file "
+            f"({type(exc).__name__}: {exc}); replace the '{CIFAR10_FOLDER}' folder with a fresh copy"
+        ) from exc
+    return names
+
+
+class CIFAR10Batches(Dataset):
+    """CIFAR-10 from the standard ``cifar-10-batches-py`` pickles, held in memory as uint8.
+
+    Items are ``(image, label)``: float32 (3, 32, 32) in [0, 1] after ``transform`` (a callable
+    on that tensor), and a 0-dim int64 label. ``data`` (N, 3, 32, 32) uint8 and ``targets`` (N,)
+    int64 hold the raw arrays; ``classes`` the ten class names.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], train: bool,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        folder = Path(folder)
+        files = CIFAR10_TRAIN_FILES if train else CIFAR10_TEST_FILES
+        parts = [_read_cifar_batch(folder / name) for name in files]
+        self.folder = folder
+        self.train = train
+        self.transform = transform
+        self.data = torch.from_numpy(np.concatenate([d for d, _ in parts]))
+        self.targets = torch.from_numpy(np.concatenate([t for _, t in parts]))
+        self.classes = _read_cifar_classes(folder / CIFAR10_META_FILE)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.data[index].to(torch.float32).div_(255.0)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index].clone()
+
+
+def _cifar_how(root: Path) -> str:
+    return (
+        f"pass data.download: true on a machine with internet access, or copy the extracted "
+        f"'{CIFAR10_FOLDER}' folder (from https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) "
+        f"into {root}"
+    )
+
+
+def _cifar_folder(root: Path) -> Path:
+    """``root/cifar-10-batches-py``, or ``root`` itself when it already is that folder."""
+    nested = root / CIFAR10_FOLDER
+    if not nested.is_dir() and (root / CIFAR10_TEST_FILES[0]).is_file():
+        return root
+    return nested
+
+
+def _load_cifar10(root: Path | None, split: str, download: bool, augment: bool) -> Dataset:
+    root = _require_data_dir("cifar10", root, f"the extracted '{CIFAR10_FOLDER}' folder")
+    folder = _cifar_folder(root)
+    files = CIFAR10_TRAIN_FILES if split == "train" else CIFAR10_TEST_FILES
+    if download and not all((folder / f).is_file() for f in files):
+        from torchvision.datasets import CIFAR10
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        try:
+            download_and_extract_archive(CIFAR10.url, download_root=str(root),
+                                         filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+        except Exception as exc:  # network errors come in many types (URLError, HTTPError, ...)
+            raise DatasetNotFoundError(
+                f"dataset 'cifar10': downloading into {root} failed ({type(exc).__name__}: {exc}); "
+                f"{_cifar_how(root)}"
+            ) from exc
+        folder = root / CIFAR10_FOLDER
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise DatasetNotFoundError(
+            f"dataset 'cifar10' ({split}) not found: searched {folder}, missing {', '.join(missing)}; "
+            f"{_cifar_how(root)}"
+        )
+    transform = None
+    if augment:
+        from torchvision import transforms
+
+        # Cohen et al. / rs4a / HeatSmoothing training augmentation (on the [0, 1] tensor; the
+        # zero padding matches PIL's black fill).
+        transform = transforms.Compose(
+            [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+        )
+    return CIFAR10Batches(folder, train=split == "train", transform=transform)
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageNet
+# ---------------------------------------------------------------------------------------------
+
+
+def _imagenet_how(root: Path) -> str:
+    return (
+        f"expects {root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG (ImageFolder layout: one "
+        f"folder per class, the validation images sorted into class folders too)"
+    )
+
+
+def _has_image_class(folder: Path) -> bool:
+    """True when some sub-folder of ``folder`` holds at least one image file."""
+    try:
+        with os.scandir(folder) as classes:
+            for entry in classes:
+                if not entry.is_dir():
+                    continue
+                with os.scandir(entry.path) as files:
+                    if any(f.name.lower().endswith(_IMAGE_EXTENSIONS) for f in files):
+                        return True
+    except OSError:
+        return False
+    return False
+
+
+def _load_imagenet(root: Path | None, split: str, download: bool, augment: bool) -> Dataset:
+    from torchvision import datasets, transforms
+
+    root = _require_data_dir("imagenet", root, "the train/ and val/ ImageFolder trees")
+    if download:
+        raise DatasetNotFoundError(
+            f"dataset 'imagenet' cannot be downloaded automatically (its licence requires "
+            f"registration at https://image-net.org); {_imagenet_how(root)}"
+        )
+    split = "train" if split == "train" else "val"  # ImageNet's held-out split is its val set
+    folder = root / split
+    if not _has_image_class(folder):
+        found = "does not exist" if not folder.exists() else "has no class folder with images"
+        raise DatasetNotFoundError(
+            f"dataset 'imagenet' ({split}) not found: searched {folder}, which {found}; "
+            f"{_imagenet_how(root)}"
+        )
+    if augment:
+        ops = [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip()]
+    else:
+        ops = [transforms.Resize(256), transforms.CenterCrop(224)]
+    transform = transforms.Compose([*ops, transforms.ToTensor()])
+    try:
+        return datasets.ImageFolder(str(folder), transform=transform, target_transform=_label_tensor)
+    except FileNotFoundError as exc:  # e.g. a class folder without images
+        raise DatasetNotFoundError(
+            f"dataset 'imagenet' ({split}): {folder} is incomplete ({exc}); {_imagenet_how(root)}"
+        ) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry and entry points
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One entry of :data:`DATASETS`."""
+
+    name: str
+    shape: tuple[int, int, int]
+    num_classes: int
+    embedded: bool  # ships with the code: needs no data_dir
+    has_augmentation: bool  # a training augmentation is defined
+    description: str
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec("digits", *DATASET_SHAPES["digits"], True, False,
+                          "scikit-learn's 8x8 handwritten digits (embedded, 1797 images)"),
+    "mnist": DatasetSpec("mnist", *DATASET_SHAPES["mnist"], False, False,
+                         "MNIST 28x28 handwritten digits (torchvision layout under data_dir)"),
+    "cifar10": DatasetSpec("cifar10", *DATASET_SHAPES["cifar10"], False, True,
+                           "CIFAR-10 32x32 colour images (cifar-10-batches-py under data_dir)"),
+    "imagenet": DatasetSpec("imagenet", *DATASET_SHAPES["imagenet"], False, True,
+                            "ImageNet ILSVRC-2012 (ImageFolder trees data_dir/train, data_dir/val)"),
+}
+
+_LOADERS: dict[str, Callable[[Path | None, str, bool, bool], Dataset]] = {
+    "mnist": _load_mnist,
+    "cifar10": _load_cifar10,
+    "imagenet": _load_imagenet,
+}
+
+
+def _check_name(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def dataset_info(name: str) -> tuple[tuple[int, int, int], int]:
+    """``((C, H, W), num_classes)`` of a dataset's items, without loading it."""
+    spec = _check_name(name)
+    return spec.shape, spec.num_classes
+
+
+def load_dataset(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    augment: bool | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """A dataset of ``(image float32 (C, H, W) in [0, 1], label int64)`` pairs.
+
+    ``split`` is ``"train"`` or the held-out split, ``"test"`` (``"val"`` is accepted as its
+    synonym: ImageNet's held-out split is its validation set, ``data_dir/val``).
+    ``augment``: ``None`` (default) or ``True`` apply the dataset's training augmentation to the
+    train split -- CIFAR-10 RandomCrop(32, padding=4) + horizontal flip, ImageNet
+    RandomResizedCrop(224) + flip; ``False`` turns it off. The held-out split is never augmented
+    (ImageNet: Resize(256) + CenterCrop(224)), and digits/MNIST have no augmentation.
+    ``data_dir`` and ``download`` are ignored for the embedded digits, whose train/test split is
+    fixed by ``seed`` (the other datasets have fixed splits and ignore it).
+    """
+    spec = _check_name(name)
+    if split == "val":
+        split = "test"
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test' (or 'val'); got {split!r}")
+    if augment is not None and not isinstance(augment, bool):
+        raise ValueError(f"augment must be None, True or False; got {augment!r}")
+    if spec.embedded:
+        return load_digits(split, seed=seed)
+    use_augmentation = split == "train" and augment is not False and spec.has_augmentation
+    root = None if data_dir is None else Path(data_dir).expanduser()
+    return _LOADERS[name](root, split, bool(download), use_augmentation)
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    distributed: bool = False,
+    num_replicas: int | None = None,
+    rank: int | None = None,
+) -> DataLoader:
+    """A ``DataLoader`` whose order depends only on ``seed`` (and, distributed, on the epoch).
+
+    Single process: shuffling draws from a ``torch.Generator`` seeded with ``seed``; successive
+    epochs of one loader give different, reproducible orders. Worker processes get their seeds
+    from the same generator, so random augmentation in workers is reproducible too (with
+    ``num_workers=0`` augmentation draws from torch's global RNG: seed it).
+    ``distributed=True`` uses a ``DistributedSampler(dataset, shuffle=shuffle, seed=seed,
+    drop_last=drop_last)``, available as ``loader.sampler``: call ``loader.sampler.set_epoch(epoch)``
+    before each epoch. Its ``num_replicas`` and ``rank`` come from the initialized
+    ``torch.distributed`` process group unless given (giving both needs no process group; the
+    sampler's order for one seed and epoch is then the same whatever the number of ranks).
+    ``drop_last`` also drops the last incomplete batch. Memory is pinned when CUDA is available.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be a non-negative integer; got {num_workers!r}")
+    generator = torch.Generator()
+    generator.manual_seed(int(seed))
+    sampler = None
+    if distributed:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
+                                     seed=int(seed), drop_last=drop_last)
+    elif num_replicas is not None or rank is not None:
+        raise ValueError("num_replicas and rank apply only with distributed=True")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def subset(dataset: Dataset, skip: int = 1, max_items: int | None = None) -> tuple[Subset, list[int]]:
+    """Every ``skip``-th item (indices 0, skip, 2*skip, ...), at most ``max_items`` of them.
+
+    Returns the ``Subset`` and the original indices, so result rows can carry them. Note that
+    ``max_items`` counts items, whereas Cohen et al.'s ``certify.py --max`` bounds the index.
+    """
+    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 1:
+        raise ValueError(f"skip must be a positive integer; got {skip!r}")
+    if max_items is not None and (isinstance(max_items, bool) or not isinstance(max_items, int)
+                                  or max_items < 0):
+        raise ValueError(f"max_items must be None or a non-negative integer; got {max_items!r}")
+    indices: Sequence[int] = range(0, len(dataset), skip)  # type: ignore[arg-type]
+    if max_items is not None:
+        indices = indices[:max_items]
+    chosen = list(indices)
+    return Subset(dataset, chosen), chosen
