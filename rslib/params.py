@@ -123,7 +123,94 @@ class TutorialParams:
                     yield f"{norm}_noises[{i}]", problem
 
 
-SECTIONS: dict[str, type] = {"tutorial": TutorialParams}
+DATASET_NAMES = ("digits", "mnist", "cifar10", "imagenet")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """Which dataset, where it lives and how it is batched."""
+
+    dataset: Literal["digits", "mnist", "cifar10", "imagenet"] = param("digits")
+    data_dir: str | None = param(None)
+    download: bool = param(False)
+    batch_size: int = param(128, ge=1)
+    eval_batch_size: int = param(512, ge=1)
+    num_workers: int = param(0, ge=0)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """The architecture (normalization for the dataset is built into the model)."""
+
+    arch: str = param("small_cnn", expect="an architecture name from rslib.models (e.g. small_cnn)")
+
+
+@dataclass(frozen=True)
+class NoiseParams:
+    """The smoothing noise: an rs4a name, its sigma and any distribution parameters."""
+
+    name: str = param("Gaussian")
+    sigma: float = param(0.25, gt=0)
+    params: dict = param({})
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Training: one loop, the loss chosen by ``mode``; heat_* apply to mode 'heat' only."""
+
+    mode: Literal["standard", "noise", "stability", "smoothadv", "direct", "heat"] = param("standard")
+    epochs: int = param(30, ge=1)
+    lr: float = param(0.1, gt=0)
+    momentum: float = param(0.9, ge=0, lt=1)
+    nesterov: bool = param(False)
+    weight_decay: float = param(1e-4, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = param("cosine")
+    step_size: int = param(30, ge=1)
+    lr_decay: float = param(0.1, gt=0, le=1)
+    max_batches: int | None = param(None, ge=1)
+    stability_weight: float = param(6.0, ge=0)
+    noise_draws: int = param(1, ge=1)
+    adv_eps: float = param(0.25, ge=0)
+    adv_steps: int = param(1, ge=1)
+    adv_warmup_epochs: int = param(10, ge=0)
+    heat_base: str | None = param(None)
+    heat_steps: int = param(5, ge=1)
+    heat_gamma: float = param(5.0, ge=0)
+    heat_draws: int = param(10, ge=1)
+    heat_eps: float = param(0.1, gt=0)
+    heat_fidelity: Literal["logits", "softmax"] = param("logits")
+    heat_reinit: bool = param(True)
+    heat_student_noise: float = param(0.0, ge=0)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.mode == "heat" and not self.heat_base:
+            yield "heat_base", "is required for mode 'heat' (a checkpoint path or an experiment name)"
+
+
+SECTIONS: dict[str, type] = {
+    "tutorial": TutorialParams,
+    "data": DataParams,
+    "model": ModelParams,
+    "noise": NoiseParams,
+    "train": TrainParams,
+}
+
+
+def cross_check(sections: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """Checks that span sections: the noise fits the dataset, the architecture exists."""
+    data, noise, model = sections.get("data"), sections.get("noise"), sections.get("model")
+    if data is not None and noise is not None:
+        from rslib.data import DATASET_SHAPES
+
+        dim = math.prod(DATASET_SHAPES[data.dataset][0])
+        problem = noise_problem({"name": noise.name, **noise.params}, dim, noise.sigma)
+        if problem:
+            yield "noise", problem
+    if model is not None:
+        from rslib.models import ARCHITECTURES
+
+        if model.arch not in ARCHITECTURES:
+            yield "model.arch", f"must be one of {', '.join(ARCHITECTURES)}, got {model.arch!r}"
 
 
 @dataclass(frozen=True)
@@ -140,6 +227,7 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "tutorial_noise_radii": Stage("tutorial_noise_radii", requires=("tutorial",)),
+    "train": Stage("train", requires=("data", "model", "noise", "train")),
 }
 
 # --------------------------------------------------------------------------- experiment
@@ -359,6 +447,8 @@ def validate(
             if not _has_defaults(cls):
                 raise ParamsError(f"{label}: stage '{needed[name]}' needs section '{name}', which is missing")
             sections[name] = _build(cls, {}, name, label)
+    for key, problem in cross_check(sections):
+        raise ParamsError(f"{label}: {key} {problem}")
     return dataclasses.replace(
         exp, sections=sections, source=Path(source) if source is not None else None
     )

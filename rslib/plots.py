@@ -198,3 +198,24 @@ def plot_noise_samples(
         axes[row, 0].set_ylabel(label, fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def plot_training_curves(metrics: pd.DataFrame) -> Figure:
+    """Loss and accuracies per epoch from ``results/train_metrics.csv`` (one line per heat phase)."""
+    style()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    frame = metrics.reset_index(drop=True).assign(step=lambda f: range(1, len(f) + 1))
+    ax_loss.plot(frame["step"], frame["train_loss"], marker="o", label="training loss")
+    ax_loss.set(xlabel="epoch (all phases)", ylabel="loss", title="training objective")
+    for column, label in [("train_acc", "train (inputs the loss saw)"), ("test_acc", "test, clean"),
+                          ("test_noisy_acc", "test, with noise")]:
+        if column in frame and frame[column].notna().any():
+            ax_acc.plot(frame["step"], frame[column], marker="o", label=label)
+    ax_acc.set(xlabel="epoch (all phases)", ylabel="accuracy", ylim=(0, 1.02), title="accuracy")
+    for phase_start in frame.index[frame["phase"].diff().fillna(0) != 0]:
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(frame.loc[phase_start, "step"] - 0.5, color="grey", linestyle=":", linewidth=1)
+    ax_loss.legend()
+    ax_acc.legend(loc="lower right")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,308 @@
+"""Training: one loop for every mode, resumable per epoch, single process or DDP under ``torchrun``.
+
+``fit(experiment)`` trains the experiment's model and returns the path of the final checkpoint
+``<output_dir>/checkpoints/model.pt``. Progress is checkpointed after every epoch in
+``checkpoints/last.pt`` (model, optimizer and scheduler state, metrics so far, parameter digest);
+running ``fit`` again resumes from there. Metrics go to ``results/train_metrics.csv``.
+
+Heat smoothing (mode 'heat') is T phases: phase t trains a student towards the frozen previous
+model (the base model for t = 1) with the implicit heat step objective of ``rslib.heat``.
+Every epoch reseeds torch from (seed, phase, epoch), so an interrupted run resumes with the same
+noise draws and data order it would have used.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from rslib import distributed, heat, models
+from rslib.data import DATASET_SHAPES, load_dataset, make_loader
+from rslib.io import atomic_write_text, provenance
+from rslib.noises import Noise, make_noise
+from rslib.params import Experiment
+from rslib.train_modes import DirectLikelihood, NoiseAugmentation, SmoothAdv, Stability, Standard
+
+LAST = "last.pt"
+FINAL = "model.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class Run:
+    """Everything one training run needs, resolved once."""
+
+    experiment: Experiment
+    output_dir: Path
+    ctx: distributed.Context
+    noise: Noise
+    log: Callable[[str], None]
+    progress: bool
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    @property
+    def num_phases(self) -> int:
+        train = self.experiment.train
+        return train.heat_steps if train.mode == "heat" else 1
+
+
+def experiment_noise(experiment: Experiment) -> Noise:
+    """The experiment's noise at the dataset's input dimension."""
+    shape, _ = DATASET_SHAPES[experiment.data.dataset]
+    spec = experiment.noise
+    return make_noise(spec.name, math.prod(shape), sigma=spec.sigma, **spec.params)
+
+
+def resolve_checkpoint(reference: str, output_dir: Path) -> Path:
+    """A checkpoint path, or the name of a sibling experiment whose final model to use."""
+    path = Path(reference)
+    if path.suffix == ".pt" or path.exists():
+        return path
+    return output_dir.parent / reference / "checkpoints" / FINAL
+
+
+def _objective(run: Run, model: nn.Module, teacher: nn.Module | None):
+    train, noise = run.experiment.train, run.noise
+    raw = model.module if isinstance(model, DistributedDataParallel) else model
+    if train.mode == "standard":
+        return Standard()
+    if train.mode == "noise":
+        return NoiseAugmentation(noise)
+    if train.mode == "stability":
+        return Stability(noise, train.stability_weight)
+    if train.mode == "direct":
+        return DirectLikelihood(noise, train.noise_draws)
+    if train.mode == "smoothadv":
+        return SmoothAdv(noise, train.noise_draws, train.adv_eps, train.adv_steps, train.adv_warmup_epochs,
+                         attack_model=raw)
+    config = heat_config(run.experiment)
+
+    def heat_objective(student, x, y, epoch):
+        target = heat.teacher_outputs(teacher, x, config.fidelity)
+        loss, _ = heat.heat_step_loss(student, target, x, config)
+        return loss, None, y
+
+    return heat_objective
+
+
+def heat_config(experiment: Experiment) -> heat.HeatConfig:
+    train = experiment.train
+    return heat.HeatConfig(steps=train.heat_steps, gamma=train.heat_gamma, sigma=experiment.noise.sigma,
+                           draws=train.heat_draws, eps=train.heat_eps, fidelity=train.heat_fidelity,
+                           reinit=train.heat_reinit, student_noise=train.heat_student_noise)
+
+
+def _optimizer(run: Run, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    train = run.experiment.train
+    optimizer = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
+                                nesterov=train.nesterov and train.momentum > 0, weight_decay=train.weight_decay)
+    if train.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.epochs)
+    elif train.schedule == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=train.step_size, gamma=train.lr_decay)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return optimizer, scheduler
+
+
+def _all_finite(ctx: distributed.Context, loss: torch.Tensor) -> bool:
+    finite = torch.isfinite(loss.detach()).float()
+    if ctx.distributed:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def _train_epoch(run: Run, model, objective, optimizer, loader, epoch: int, label: str) -> dict[str, float]:
+    model.train()
+    total_loss, correct, seen, batches = 0.0, 0, 0, 0
+    limit = run.experiment.train.max_batches
+    bar = tqdm(loader, desc=label, leave=False, disable=not (run.progress and run.ctx.is_main),
+               total=min(len(loader), limit) if limit else len(loader))
+    for x, y in bar:
+        if limit and batches >= limit:
+            break
+        x, y = x.to(run.ctx.device, non_blocking=True), y.to(run.ctx.device, non_blocking=True)
+        loss, logits, targets = objective(model, x, y, epoch)
+        if not _all_finite(run.ctx, loss):
+            raise TrainingDiverged(
+                f"{label}: the loss became {loss.item()} at batch {batches}; training stopped. The last good "
+                f"checkpoint is kept in {run.checkpoints}. Lower train.lr or check the data and noise settings.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        batches += 1
+        total_loss += loss.item()
+        if logits is not None:
+            correct += (logits.argmax(1) == targets).sum().item()
+            seen += len(targets)
+        bar.set_postfix(loss=f"{total_loss / batches:.4f}")
+    return {"train_loss": total_loss / max(batches, 1), "train_acc": correct / seen if seen else math.nan}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, noise: Noise | None = None,
+             generator: torch.Generator | None = None) -> float:
+    """Top-1 accuracy on ``loader`` (on ``x + delta`` when a noise is given)."""
+    model.eval()
+    correct, seen = 0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        if noise is not None:
+            x = noise.sample(x, generator=generator)
+        correct += (model(x).argmax(1) == y).sum().item()
+        seen += len(y)
+    return correct / max(seen, 1)
+
+
+def _save(run: Run, path: Path, model, optimizer=None, scheduler=None, **extra: Any) -> None:
+    if not run.ctx.is_main:
+        return
+    data = run.experiment.data
+    _, num_classes = DATASET_SHAPES[data.dataset]
+    raw = model.module if isinstance(model, DistributedDataParallel) else model
+    models.save_checkpoint(path, raw, arch=run.experiment.model.arch, dataset=data.dataset,
+                           num_classes=num_classes, optimizer=optimizer, scheduler=scheduler,
+                           epoch=extra.get("epoch"), extra={"digest": run.experiment.digest(), **extra})
+
+
+def _resume_state(run: Run) -> dict[str, Any] | None:
+    path = run.checkpoints / LAST
+    if not path.exists():
+        return None
+    state = models.load_checkpoint(path)
+    if state.get("extra", {}).get("digest") != run.experiment.digest():
+        run.log(f"ignoring {path}: it was written for different parameters; training from scratch")
+        return None
+    return state
+
+
+def _teacher(run: Run, phase: int) -> nn.Module | None:
+    if run.experiment.train.mode != "heat":
+        return None
+    if phase == 0:
+        path = resolve_checkpoint(run.experiment.train.heat_base, run.output_dir)
+    else:
+        path = run.checkpoints / f"heat_step_{phase}.pt"
+    teacher = models.load(path, device=run.ctx.device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _new_model(run: Run, phase: int, teacher: nn.Module | None) -> nn.Module:
+    data = run.experiment.data
+    torch.manual_seed(run.experiment.seed * 1000 + phase)
+    model = models.build_model(run.experiment.model.arch, data.dataset)
+    if teacher is not None and not run.experiment.train.heat_reinit:
+        model.load_state_dict(teacher.state_dict())
+    return model.to(run.ctx.device)
+
+
+def _write_metrics(run: Run, rows: list[dict[str, Any]]) -> None:
+    if run.ctx.is_main:
+        atomic_write_text(run.output_dir / "results" / "train_metrics.csv", pd.DataFrame(rows).to_csv(index=False))
+
+
+def _loaders(run: Run):
+    data = run.experiment.data
+    kwargs = {"data_dir": data.data_dir, "download": data.download, "seed": run.experiment.seed}
+    train_set = load_dataset(data.dataset, "train", **kwargs)
+    test_set = load_dataset(data.dataset, "test", **kwargs)
+    # A DistributedSampler even in one process: the same seed gives the same global order whatever
+    # the number of ranks, so DDP training sees exactly the batches of single-process training.
+    sampler = DistributedSampler(train_set, num_replicas=run.ctx.world_size, rank=run.ctx.rank, shuffle=True,
+                                 seed=run.experiment.seed)
+    train_loader = DataLoader(train_set, batch_size=data.batch_size // run.ctx.world_size, sampler=sampler,
+                              num_workers=data.num_workers, pin_memory=run.ctx.device.type == "cuda")
+    test_loader = make_loader(test_set, batch_size=data.eval_batch_size, shuffle=False,
+                              seed=run.experiment.seed, num_workers=data.num_workers)
+    return train_loader, test_loader
+
+
+def fit(experiment: Experiment, output_dir: str | Path | None = None, *, progress: bool = True,
+        log: Callable[[str], None] = print) -> Path:
+    """Train ``experiment`` (resuming if a matching ``last.pt`` exists); return the final checkpoint."""
+    from rslib.run import experiment_dir
+
+    output_dir = Path(output_dir) if output_dir is not None else experiment_dir(experiment)
+    ctx = distributed.setup(experiment.device)
+    run = Run(experiment, output_dir.resolve(), ctx, experiment_noise(experiment), log, progress)
+    final = run.checkpoints / FINAL
+    state = _resume_state(run)
+    rows: list[dict[str, Any]] = list(state["extra"]["metrics"]) if state else []
+    start_phase, start_epoch = (state["extra"]["phase"], state["epoch"] + 1) if state else (0, 0)
+    if state and state["extra"].get("finished") and final.exists():
+        log(f"training already finished: {final}")
+        return final
+    train_loader, test_loader = _loaders(run)
+    sampler = train_loader.sampler
+    epochs = experiment.train.epochs
+    started = time.perf_counter()
+    model = None
+    for phase in range(start_phase, run.num_phases):
+        teacher = _teacher(run, phase)
+        model = _new_model(run, phase, teacher)
+        optimizer, scheduler = _optimizer(run, model)
+        first_epoch = 0
+        if state is not None and phase == start_phase:
+            model.load_state_dict(state["state_dict"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            first_epoch = start_epoch
+        if ctx.distributed:
+            model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        objective = _objective(run, model, teacher)
+        label = f"heat step {phase + 1}/{run.num_phases}" if teacher is not None else experiment.train.mode
+        for epoch in range(first_epoch, epochs):
+            torch.manual_seed(experiment.seed * 1_000_003 + phase * 10_007 + epoch)
+            if isinstance(sampler, DistributedSampler):
+                sampler.set_epoch(epoch + phase * epochs)
+            tic = time.perf_counter()
+            stats = _train_epoch(run, model, objective, optimizer, train_loader, epoch,
+                                 f"{label} epoch {epoch + 1}/{epochs}")
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            row = {"phase": phase, "epoch": epoch, "lr": lr, **stats, "seconds": time.perf_counter() - tic}
+            if ctx.is_main:
+                eval_model = model.module if isinstance(model, DistributedDataParallel) else model
+                row["test_acc"] = evaluate(eval_model, test_loader, ctx.device)
+                if experiment.train.mode not in ("standard", "heat"):
+                    generator = torch.Generator(device=ctx.device).manual_seed(experiment.seed)
+                    row["test_noisy_acc"] = evaluate(eval_model, test_loader, ctx.device, run.noise, generator)
+                log(f"{label} epoch {epoch + 1}/{epochs}: " + ", ".join(
+                    f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+            rows.append(row)
+            _save(run, run.checkpoints / LAST, model, optimizer, scheduler, epoch=epoch, phase=phase,
+                  metrics=rows, finished=False)
+            _write_metrics(run, rows)
+            ctx.barrier()
+        if teacher is not None:
+            _save(run, run.checkpoints / f"heat_step_{phase + 1}.pt", model, phase=phase)
+        ctx.barrier()
+        state = None
+    if model is None:
+        raise RuntimeError(f"nothing to train: {run.checkpoints / LAST} says all epochs are done but {final} is missing")
+    _save(run, final, model, phase=run.num_phases - 1, params=experiment.to_dict(), metrics=rows,
+          provenance=provenance(), train_seconds=time.perf_counter() - started, finished=True)
+    _save(run, run.checkpoints / LAST, model, optimizer, scheduler, epoch=epochs - 1, phase=run.num_phases - 1,
+          metrics=rows, finished=True)
+    ctx.barrier()
+    return final

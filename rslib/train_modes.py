@@ -1,0 +1,123 @@
+"""Training objectives, one class per mode; the loop in ``rslib.train`` is shared by all of them.
+
+Each objective maps a batch to ``(loss, logits, targets)``; ``logits``/``targets`` give the running
+training accuracy (on the inputs the loss saw: noisy ones for noise-based modes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rslib.noises import Noise
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def smoothed_log_probs(model: nn.Module, x: torch.Tensor, draws: int) -> torch.Tensor:
+    """log of the mean softmax over ``draws`` consecutive rows per input: (B * draws, K) -> (B, K)."""
+    log_probs = F.log_softmax(model(x), dim=1)
+    log_probs = log_probs.view(-1, draws, log_probs.shape[1])
+    return torch.logsumexp(log_probs, dim=1) - math.log(draws)
+
+
+@dataclass
+class Standard:
+    """Cross-entropy on clean inputs (the baseline model)."""
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int) -> Batch:
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits, y
+
+
+@dataclass
+class NoiseAugmentation:
+    """Cross-entropy on ``x + delta`` (Cohen et al. for Gaussian noise, rs4a for the others)."""
+
+    noise: Noise
+
+    def __call__(self, model, x, y, epoch):
+        logits = model(self.noise.sample(x))
+        return F.cross_entropy(logits, y), logits, y
+
+
+@dataclass
+class Stability:
+    """Stability training (Li et al. 2019, rs4a): CE(f(x)) + weight * KL(p(x) || p(x + delta))."""
+
+    noise: Noise
+    weight: float
+
+    def __call__(self, model, x, y, epoch):
+        logits = model(torch.cat([x, self.noise.sample(x)]))
+        clean, noisy = logits.split(len(x))
+        log_p, log_q = F.log_softmax(clean, dim=1), F.log_softmax(noisy, dim=1)
+        kl = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+        return F.cross_entropy(clean, y) + self.weight * kl, clean, y
+
+
+@dataclass
+class DirectLikelihood:
+    """Maximize the smoothed likelihood: -log(mean over draws of softmax(f(x + delta))_y)."""
+
+    noise: Noise
+    draws: int
+
+    def __call__(self, model, x, y, epoch):
+        noisy = self.noise.sample(x.repeat_interleave(self.draws, dim=0))
+        log_mean = smoothed_log_probs(model, noisy, self.draws)
+        return F.nll_loss(log_mean, y), log_mean, y
+
+
+@dataclass
+class SmoothAdv:
+    """SmoothAdv (Salman et al. 2019): l2 PGD on the soft smoothed classifier, then train on the
+    adversarial points with the same noise draws.
+
+    ``eps`` ramps up linearly over ``warmup_epochs``; PGD takes ``steps`` normalized-gradient steps
+    of size ``2 eps / steps`` and projects onto the l2 ball. The attack runs on ``attack_model``
+    (the unwrapped network, in eval mode so batch-norm statistics are untouched).
+    """
+
+    noise: Noise
+    draws: int
+    eps: float
+    steps: int
+    warmup_epochs: int
+    attack_model: nn.Module | None = None
+
+    def epsilon(self, epoch: int) -> float:
+        if self.warmup_epochs == 0:
+            return self.eps
+        return self.eps * min(1.0, (epoch + 1) / self.warmup_epochs)
+
+    def attack(self, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
+        net = self.attack_model
+        was_training = net.training
+        net.eval()
+        adv = torch.zeros_like(x, requires_grad=True)
+        step = 2 * eps / self.steps
+        for _ in range(self.steps):
+            inputs = x.repeat_interleave(self.draws, dim=0) + adv.repeat_interleave(self.draws, dim=0) + delta
+            loss = F.nll_loss(smoothed_log_probs(net, inputs, self.draws), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, adv)
+            norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+            with torch.no_grad():
+                adv += step * grad / norms
+                scale = (eps / adv.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+                adv *= scale.view(-1, *[1] * (x.dim() - 1))
+        net.train(was_training)
+        return adv.detach()
+
+    def __call__(self, model, x, y, epoch):
+        repeated = x.repeat_interleave(self.draws, dim=0)
+        delta = self.noise.sample(torch.zeros_like(repeated))
+        eps = self.epsilon(epoch)
+        adv = self.attack(x, y, delta, eps) if eps > 0 else torch.zeros_like(x)
+        logits = model(repeated + adv.repeat_interleave(self.draws, dim=0) + delta)
+        targets = y.repeat_interleave(self.draws)
+        return F.cross_entropy(logits, targets), logits, targets
