@@ -201,19 +201,17 @@ def _teacher(run: Run, phase: int) -> nn.Module | None:
         path = resolve_checkpoint(run.experiment.train.heat_base, run.output_dir)
     else:
         path = run.checkpoints / f"heat_step_{phase}.pt"
-    teacher = models.load(path, device=run.ctx.device)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
+    return models.load(path, device=run.ctx.device).requires_grad_(False)
 
 
 def _new_model(run: Run, phase: int, teacher: nn.Module | None) -> nn.Module:
-    data = run.experiment.data
+    """A seeded fresh model; in heat mode the student (fresh, or the teacher when warm-starting)."""
     torch.manual_seed(run.experiment.seed * 1000 + phase)
-    model = models.build_model(run.experiment.model.arch, data.dataset)
-    if teacher is not None and not run.experiment.train.heat_reinit:
-        model.load_state_dict(teacher.state_dict())
-    return model.to(run.ctx.device)
+
+    def fresh() -> nn.Module:
+        return models.build_model(run.experiment.model.arch, run.experiment.data.dataset).to(run.ctx.device)
+
+    return fresh() if teacher is None else heat.next_student(teacher, heat_config(run.experiment), fresh)
 
 
 def _write_metrics(run: Run, rows: list[dict[str, Any]]) -> None:
