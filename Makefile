@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_noise_sampling.py
 	$(PY) benchmarks/bench_tables.py
+	$(PY) benchmarks/bench_train_epoch.py
 
 sync: $(STAMP)
 	$(VENV)/bin/jupytext --sync notebooks/*.py

@@ -304,3 +304,22 @@ def fit(experiment: Experiment, output_dir: str | Path | None = None, *, progres
           metrics=rows, finished=True)
     ctx.barrier()
     return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m rslib.train PARAMS [-p key=value ...]``; under ``torchrun`` every rank runs this."""
+    import argparse
+
+    from rslib.params import load, parse_override
+
+    parser = argparse.ArgumentParser(prog="python -m rslib.train", description="Train one experiment.")
+    parser.add_argument("params")
+    parser.add_argument("-p", "--param", action="append", default=[], help="override, e.g. train.epochs=5")
+    parser.add_argument("--output-dir", default=None)
+    args = parser.parse_args(argv)
+    experiment = load(args.params, **dict(parse_override(item) for item in args.param))
+    fit(experiment, args.output_dir)
+
+
+if __name__ == "__main__":
+    main()
