@@ -124,17 +124,14 @@ class Smooth:
         generators = [_generator(self.seed, int(i), stage, device) for i in indices]
         flat = x.reshape(batch, -1)
         total = batch * num
+        buffer = torch.empty(min(batch_size, total), flat.shape[1], device=device, dtype=flat.dtype)
         for start in range(0, total, batch_size):
             stop = min(start + batch_size, total)
             owners = torch.arange(start, stop, device=device) // num
-            pieces = []
-            first, last = start // num, (stop - 1) // num
-            for image in range(first, last + 1):
-                rows = min(stop, (image + 1) * num) - max(start, image * num)
-                pieces.append(self.noise.sample_noise(rows, device=device, dtype=flat.dtype,
-                                                      generator=generators[image]))
-            noisy = (flat[owners] + torch.cat(pieces)).view(stop - start, *x.shape[1:])
-            predictions = self._forward_classes(noisy)
+            for image in range(start // num, (stop - 1) // num + 1):
+                lo, hi = max(start, image * num) - start, min(stop, (image + 1) * num) - start
+                self.noise.perturb_(buffer[lo:hi], flat[image], generators[image])
+            predictions = self._forward_classes(buffer[: stop - start].view(stop - start, *x.shape[1:]))
             counts.index_put_((owners, predictions), torch.ones_like(predictions), accumulate=True)
         return counts
 

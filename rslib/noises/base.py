@@ -153,6 +153,11 @@ class Noise(ABC):
         self._fill_unit_noise(out, generator)
         return out.mul_(self.lambd)
 
+    def perturb_(self, out: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Fill ``out`` (rows, dim) in place with ``x + delta``, ``x`` broadcast to the rows (no copies)."""
+        self._fill_unit_noise(out, generator)
+        return torch.add(x.reshape(-1, self.dim), out, alpha=self.lambd, out=out)
+
     def sample(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Return ``x + delta`` with ``delta`` drawn independently for each row of the batch ``x``."""
         if x.dim() < 2 or math.prod(x.shape[1:]) != self.dim:
@@ -161,8 +166,7 @@ class Noise(ABC):
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor; got {x.dtype}")
         out = torch.empty((x.shape[0], self.dim), device=x.device, dtype=x.dtype)
-        self._fill_unit_noise(out, generator)
-        return torch.add(x.reshape(x.shape[0], -1), out, alpha=self.lambd, out=out).view(x.shape)
+        return self.perturb_(out, x, generator).view(x.shape)
 
     def certify(self, prob_lb: Any, adv: Any) -> Any:
         """Certified radius against the ``adv``-norm adversary for each lower bound ``prob_lb``.
