@@ -58,7 +58,7 @@ def main() -> None:
             noise = make_noise(name, math.prod(shape), sigma=0.25, **params)
             smooth = Smooth(model, noise, model.num_classes)
 
-            def certify(smooth=smooth):
+            def certify(smooth=smooth, x=x):
                 smooth.certify(x, None, n0=64, n=args.n, batch_size=args.batch)
 
             samples = args.images * (64 + args.n)
@@ -69,9 +69,9 @@ def main() -> None:
                   f"ratio {rate / forward_rate:.2f}")
         smooth = Smooth(model, make_noise("Gaussian", math.prod(shape), sigma=0.25), model.num_classes)
         det = statistics.median(
-            _time(lambda model=model: deterministic_certify(model, x, 0.25), sync) for _ in range(args.repeats))
+            _time(lambda model=model, x=x: deterministic_certify(model, x, 0.25), sync) for _ in range(args.repeats))
         mc = statistics.median(
-            _time(lambda smooth=smooth: smooth.predict(x, n=100, alpha=0.001, batch_size=args.batch), sync)
+            _time(lambda smooth=smooth, x=x: smooth.predict(x, n=100, alpha=0.001, batch_size=args.batch), sync)
             for _ in range(args.repeats))
         rows.append({"model": arch, "deterministic_s_per_image": det / args.images,
                      "monte_carlo_predict_n0_100_s_per_image": mc / args.images, "mc_over_deterministic": mc / det})

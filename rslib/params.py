@@ -187,12 +187,39 @@ class TrainParams:
             yield "heat_base", "is required for mode 'heat' (a checkpoint path or an experiment name)"
 
 
+@dataclass(frozen=True)
+class CertifyParams:
+    """Monte-Carlo certification of the test subset (Cohen et al.'s ``certify.py`` settings).
+
+    ``batch_size`` counts noise samples per model forward (they may span several images);
+    ``images_per_batch`` images are certified per call and their rows appended to disk together.
+    ``skip``/``max``: every ``skip``-th test image, at most ``max`` images. ``checkpoint``: a ``.pt``
+    path or a sibling experiment's name (default: this experiment's ``checkpoints/model.pt``).
+    ``deterministic``: the model is a Gaussian-averaged (heat) model; also compute HeatSmoothing's
+    approximate L-bound (Gaussian noise only). ``autocast``/``channels_last``: GPU speed levers.
+    """
+
+    n0: int = param(100, ge=1)
+    n: int = param(100_000, ge=1)
+    alpha: float = param(0.001, gt=0, lt=1)
+    batch_size: int = param(4096, ge=1)
+    images_per_batch: int = param(32, ge=1)
+    skip: int = param(1, ge=1)
+    max: int | None = param(None, ge=1)
+    topk: int = param(1, ge=1)
+    checkpoint: str | None = param(None)
+    deterministic: bool = param(False)
+    autocast: Literal["none", "bf16", "fp16"] = param("none")
+    channels_last: bool = param(False)
+
+
 SECTIONS: dict[str, type] = {
     "tutorial": TutorialParams,
     "data": DataParams,
     "model": ModelParams,
     "noise": NoiseParams,
     "train": TrainParams,
+    "certify": CertifyParams,
 }
 
 
@@ -228,6 +255,7 @@ class Stage:
 STAGES: dict[str, Stage] = {
     "tutorial_noise_radii": Stage("tutorial_noise_radii", requires=("tutorial",)),
     "train": Stage("train", requires=("data", "model", "noise", "train")),
+    "certify": Stage("certify", requires=("data", "model", "noise", "certify")),
 }
 
 # --------------------------------------------------------------------------- experiment

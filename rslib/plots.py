@@ -219,3 +219,29 @@ def plot_training_curves(metrics: pd.DataFrame) -> Figure:
     ax_acc.legend(loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def plot_certified_accuracy(curves: pd.DataFrame, title: str | None = None) -> Figure:
+    """Certified accuracy versus radius, one panel per norm, from ``certify_run.accuracy_curves`` rows.
+
+    ``curves`` has columns method, norm, radius, certified_accuracy (an exact step function: between
+    two points the accuracy is that of the right one, drawn 'steps-pre'). Each method gets a line;
+    methods whose name says 'approximate' are dashed, so the L-bound never passes for a certificate.
+    """
+    style()
+    norms = list(dict.fromkeys(curves["norm"]))
+    fig, axes = plt.subplots(1, len(norms), figsize=(4.6 * len(norms), 3.8), squeeze=False)
+    colors = noise_palette(list(dict.fromkeys(curves["method"])))
+    for ax, norm in zip(axes[0], norms, strict=True):
+        part = curves[curves["norm"] == norm]
+        for method, line in part.groupby("method", sort=False):
+            line = line.sort_values("radius")
+            ax.plot(line["radius"], line["certified_accuracy"], drawstyle="steps-pre", lw=1.8,
+                    color=colors[method], ls="--" if "approximate" in method.lower() else "-", label=method)
+        ax.set(xlabel=f"{_NORM_TEX.get(norm, norm)} radius", ylabel="certified accuracy", ylim=(0, 1.02),
+               xlim=(0, None), title=f"{_NORM_TEX.get(norm, norm)} adversary")
+        ax.legend(loc="upper right", fontsize="small")
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
