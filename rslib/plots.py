@@ -225,8 +225,10 @@ def plot_certified_accuracy(curves: pd.DataFrame, title: str | None = None) -> F
     """Certified accuracy versus radius, one panel per norm, from ``certify_run.accuracy_curves`` rows.
 
     ``curves`` has columns method, norm, radius, certified_accuracy (an exact step function: between
-    two points the accuracy is that of the right one, drawn 'steps-pre'). Each method gets a line;
-    methods whose name says 'approximate' are dashed, so the L-bound never passes for a certificate.
+    two points the accuracy is that of the right one, drawn 'steps-pre') and optionally source (the
+    norms the radii were certified in; the legend says so when it is not the panel's norm). Each
+    method gets a line; methods whose name says 'approximate' are dashed, so the L-bound never
+    passes for a certificate.
     """
     style()
     norms = list(dict.fromkeys(curves["norm"]))
@@ -236,8 +238,11 @@ def plot_certified_accuracy(curves: pd.DataFrame, title: str | None = None) -> F
         part = curves[curves["norm"] == norm]
         for method, line in part.groupby("method", sort=False):
             line = line.sort_values("radius")
+            source = str(line["source"].iloc[0]) if "source" in line else norm
+            via = [_NORM_TEX.get(s, s) for s in source.split(",") if s and s != norm]
+            label = method + (f" [from {', '.join(via)}]" if via else "")
             ax.plot(line["radius"], line["certified_accuracy"], drawstyle="steps-pre", lw=1.8,
-                    color=colors[method], ls="--" if "approximate" in method.lower() else "-", label=method)
+                    color=colors[method], ls="--" if "approximate" in method.lower() else "-", label=label)
         ax.set(xlabel=f"{_NORM_TEX.get(norm, norm)} radius", ylabel="certified accuracy", ylim=(0, 1.02),
                xlim=(0, None), title=f"{_NORM_TEX.get(norm, norm)} adversary")
         ax.legend(loc="upper right", fontsize="small")
