@@ -218,9 +218,14 @@ class DeterministicResult:
     """One-pass classification of an averaged model with its approximate L-bound radius."""
 
     prediction: np.ndarray
+    topk_indices: np.ndarray
     margin: np.ndarray
     radius: np.ndarray
     seconds: np.ndarray
+
+    def correct(self, labels: np.ndarray) -> np.ndarray:
+        """Whether each label is in the top-k set (top-1 when k = 1)."""
+        return (self.topk_indices == np.asarray(labels)[:, None]).any(1)
 
 
 @torch.inference_mode()
@@ -236,5 +241,6 @@ def deterministic_certify(model: nn.Module, x: torch.Tensor, sigma: float, topk:
     ordered = probs.topk(topk + 1, dim=1)
     margin = (ordered.values[:, topk - 1] - ordered.values[:, topk]).cpu().numpy()
     seconds = (time.perf_counter() - tic) / len(x)
-    return DeterministicResult(prediction=ordered.indices[:, 0].cpu().numpy(), margin=margin,
+    indices = ordered.indices.cpu().numpy()
+    return DeterministicResult(prediction=indices[:, 0], topk_indices=indices[:, :topk], margin=margin,
                                radius=sigma * math.sqrt(math.pi / 2) * margin, seconds=np.full(len(x), seconds))

@@ -272,9 +272,7 @@ def lbound_certify(model: torch.nn.Module, dataset, indices: Sequence[int], sigm
         if number == 0:
             deterministic_certify(model, x, sigma, topk)  # warm-up, not timed
         result = deterministic_certify(model, x, sigma, topk)
-        with torch.inference_mode():
-            top = model(x).topk(topk, dim=1).indices.cpu()
-        correct = (top == y.cpu()[:, None]).any(1).numpy()
+        correct = result.correct(y.cpu().numpy())
         frames.append(pd.DataFrame({"idx": chunk, "label": y.cpu().numpy(), "prediction": result.prediction,
                                     "margin": result.margin, "radius": result.radius, "correct": correct,
                                     "seconds": result.seconds, "norm": "l2", "approximate": True}))

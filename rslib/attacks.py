@@ -1,0 +1,742 @@
+"""Adversarial attacks against base and smoothed classifiers: PGD (l2, linf, l1) and DDN.
+
+Every attack is **batched** (all inputs attacked at once, no Python loop over inputs), runs on the
+device of ``x``, and returns an :class:`AttackResult` with, per input, the success flag and the l0,
+l1, l2 and linf norms of the *final* perturbation ``x_adv - x``. A failed attack has every distance
+equal to ``inf`` (never 0, never the budget).
+
+Attacks
+-------
+* :func:`pgd` -- projected gradient ascent on the cross-entropy inside an lp ball of radius ``eps``
+  (a float, or one radius per input). l2: normalized-gradient steps and projection on the ball;
+  linf: sign steps and clamping; l1: a sparse steepest-ascent step (the ``l1_sparsity`` fraction of
+  coordinates with the largest gradient magnitude, skipping coordinates pinned at the box bound in
+  the gradient's direction, as in SLIDE, Tramer & Boneh 2019) followed by the **exact** Euclidean
+  projection onto the l1 ball (:func:`project_l1_ball`, Duchi et al. 2008). With ``early_stop``
+  an input is frozen (no more forward/backward passes) as soon as it is adversarial.
+* :func:`pgd_minimal` -- a per-input bisection over ``eps`` in ``[0, eps_max]`` that keeps the
+  smallest successful perturbation found, so PGD reports a minimal distance rather than a
+  staircase of budgets.
+* :func:`ddn` -- Decoupled Direction and Norm (Rony et al. 2019, l2): a gradient step of size
+  ``alpha`` (cosine-annealed), a norm schedule ``epsilon *= 1 - gamma`` when the current iterate is
+  adversarial and ``1 + gamma`` otherwise, projection onto the epsilon sphere, optional
+  quantization, and the smallest successful perturbation kept per input.
+
+Success
+-------
+Untargeted: the prediction changes, i.e. the label ``y`` is not the predicted class (``topk = 1``) or
+not in the predicted top-k set. Targeted (``targeted=True``, ``y`` are the targets): the target is the
+prediction (is in the top-k set). An input that is already misclassified is a success at distance 0.
+To attack the model's *own* decision, pass its predictions as ``y``.
+
+During the iterations success is read from the logits the attack computes anyway (cheap). The final
+word belongs to ``judge``: a callable ``judge(x_adv) -> labels`` returning predicted labels ``(B,)``
+(or top-k sets ``(B, k)``), ``ABSTAIN`` (-1) allowed; by default the argmax (top-k) of
+``model(x_adv)``. Before returning, every reported success is **re-checked** with ``judge``; a
+candidate the judge rejects is retried at the scaled perturbations ``rescue_scales`` (e.g. 1.05 x,
+staying inside the budget), smallest scale first, and is marked failed (distances ``inf``) if none of
+them convinces the judge. ``judge_every_step=True`` calls ``judge`` at every success check during the
+iterations as well (exact but costly for Monte-Carlo judges).
+
+An ``ABSTAIN`` from the judge is **not** a wrong label: it counts as a success only with
+``abstain_is_success=True`` (default ``False``), since an abstaining smoothed classifier has not been
+fooled into a wrong answer.
+
+Smoothed targets
+----------------
+:func:`smoothed` wraps a base model into the smoothed *soft* classifier whose forward returns
+``log mean_j softmax(model(x + delta_j))`` over ``m`` noise draws, so an attack on it follows the
+gradient of the expectation over the noise (EOT; the loss of Salman et al.'s SmoothAdv). Judge the
+success of such attacks with the smoothed *hard* classifier: :func:`majority_vote_judge` (majority
+vote over ``n`` draws) or :func:`smooth_predict_judge` (``Smooth.predict`` with its abstain rule).
+
+Budgets are never exceeded: the final perturbation is projected (in float64, with a relative safety
+margin of a few ulps) onto the ball, and checked. ``clip=(lo, hi)`` keeps pixels in the box (inputs
+must lie in it); ``clip=None`` removes the box.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rslib.certify import ABSTAIN, Smooth
+from rslib.noises import Noise, parse_norm
+
+__all__ = [
+    "ABSTAIN",
+    "AttackResult",
+    "SmoothedSoftClassifier",
+    "ddn",
+    "distances",
+    "majority_vote_judge",
+    "pgd",
+    "pgd_minimal",
+    "project_l1_ball",
+    "project_lp_ball",
+    "smooth_predict_judge",
+    "smoothed",
+]
+
+Judge = Callable[[Tensor], Tensor]
+DEFAULT_RESCUE_SCALES: tuple[float, ...] = (1.02, 1.05, 1.1, 1.25, 1.5, 2.0)
+_LABELS = {1.0: "l1", 2.0: "l2", math.inf: "linf"}
+FRAME_COLUMNS = ["idx", "label", "attack", "success", "l0", "l1", "l2", "linf"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttackResult:
+    """Per-input outcome of an attack (tensors of length B on the inputs' device).
+
+    ``x_adv``: the adversarial examples; for failed inputs it holds the attack's last iterate (for
+    :func:`pgd` inside the budget), which is *not* adversarial. ``success``: bool. ``l0``, ``l1``,
+    ``l2``, ``linf``: float64 norms of ``x_adv - x`` for successes, ``inf`` for failures (``l0``
+    counts the exactly nonzero coordinates). ``labels``: the labels (or targets) attacked.
+    """
+
+    x_adv: Tensor
+    success: Tensor
+    l0: Tensor
+    l1: Tensor
+    l2: Tensor
+    linf: Tensor
+    labels: Tensor | None = None
+
+    def distance(self, norm: float | str) -> Tensor:
+        """The per-input distance in ``norm`` (0, 1, 2, inf or 'l0' ... 'linf')."""
+        key = str(norm).lower()
+        if key in ("0", "l0", "0.0"):
+            return self.l0
+        return {1.0: self.l1, 2.0: self.l2, math.inf: self.linf}[parse_norm(norm)]
+
+    def to_frame(self, indices: Sequence[int] | np.ndarray | Tensor | None = None,
+                 labels: Sequence[int] | np.ndarray | Tensor | None = None,
+                 attack_name: str = "attack") -> pd.DataFrame:
+        """One row per input: ``idx, label, attack, success, l0, l1, l2, linf`` (failures: inf)."""
+        batch = len(self.success)
+        idx = np.arange(batch) if indices is None else _numpy(indices).astype(np.int64)
+        if labels is None and self.labels is not None:
+            labels = self.labels
+        label = pd.array(_numpy(labels).astype(np.int64) if labels is not None else [pd.NA] * batch,
+                         dtype="Int64")
+        if len(idx) != batch or len(label) != batch:
+            raise ValueError(f"indices and labels must have length {batch}; got {len(idx)} and {len(label)}")
+        return pd.DataFrame({
+            "idx": idx, "label": label, "attack": attack_name, "success": _numpy(self.success).astype(bool),
+            "l0": _numpy(self.l0).astype(np.float64), "l1": _numpy(self.l1).astype(np.float64),
+            "l2": _numpy(self.l2).astype(np.float64), "linf": _numpy(self.linf).astype(np.float64),
+        })[FRAME_COLUMNS]
+
+
+def _numpy(values) -> np.ndarray:
+    if isinstance(values, Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def distances(delta: Tensor) -> dict[str, Tensor]:
+    """l0, l1, l2, linf norms (float64) of each row of ``delta`` (shape (B, ...))."""
+    flat = delta.detach().reshape(delta.shape[0], -1).double()
+    return {"l0": (flat != 0).sum(1).double(), "l1": flat.abs().sum(1), "l2": flat.norm(dim=1),
+            "linf": flat.abs().amax(1) if flat.shape[1] else flat.new_zeros(flat.shape[0])}
+
+
+# ----------------------------------------------------------------------------------------------
+# Projections and random points in lp balls
+# ----------------------------------------------------------------------------------------------
+
+
+def _per_input(value: float | Tensor, batch: int, like: Tensor) -> Tensor:
+    """``value`` (scalar or (B,)) as a float64 (B,) tensor on ``like``'s device."""
+    out = torch.as_tensor(value, dtype=torch.float64, device=like.device)
+    if out.dim() == 0:
+        out = out.expand(batch)
+    out = out.reshape(-1)
+    if out.shape[0] != batch:
+        raise ValueError(f"expected a scalar or one value per input ({batch}); got shape {tuple(out.shape)}")
+    return out
+
+
+def _view(values: Tensor, like: Tensor) -> Tensor:
+    """(B,) -> (B, 1, ..., 1) in ``like``'s dtype, for broadcasting against ``like``."""
+    return values.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def project_l1_ball(v: Tensor, radius: float | Tensor) -> Tensor:
+    """Exact Euclidean projection of each row of ``v`` onto the l1 ball of ``radius`` (per row or scalar).
+
+    Sort-based algorithm of Duchi et al. (2008), vectorized over the batch and computed in float64:
+    ``w = sign(v) * max(|v| - theta, 0)`` with ``theta`` from the sorted magnitudes; rows already
+    inside the ball are returned unchanged.
+    """
+    batch = v.shape[0]
+    flat = v.reshape(batch, -1).double()
+    r = _per_input(radius, batch, v)
+    if bool((r < 0).any()):
+        raise ValueError("radius must be >= 0")
+    mags = flat.abs()
+    inside = mags.sum(1) <= r
+    u = mags.sort(dim=1, descending=True).values
+    css = u.cumsum(1)
+    j = torch.arange(1, flat.shape[1] + 1, device=v.device, dtype=torch.float64)
+    positive = u - (css - r[:, None]) / j > 0
+    rho = (positive * j).amax(1).long()  # largest j with u_j > (css_j - r) / j (0 only when r == 0)
+    theta = (css.gather(1, (rho - 1).clamp_min(0)[:, None]).squeeze(1) - r) / rho.clamp_min(1)
+    projected = flat.sign() * (mags - theta[:, None]).clamp_min(0)
+    projected[rho == 0] = 0
+    out = torch.where(inside[:, None], flat, projected)
+    return out.to(v.dtype).view_as(v)
+
+
+def project_lp_ball(delta: Tensor, norm: float, radius: float | Tensor) -> Tensor:
+    """Euclidean projection of each row of ``delta`` onto the ``norm``-ball (1, 2 or inf) of ``radius``."""
+    norm = parse_norm(norm)
+    r = _per_input(radius, delta.shape[0], delta)
+    if norm == 1:
+        return project_l1_ball(delta, r)
+    if norm == 2:
+        size = delta.reshape(delta.shape[0], -1).double().norm(dim=1)
+        factor = torch.where(size > r, r / size.clamp_min(1e-300), torch.ones_like(size))
+        return delta * _view(factor, delta)
+    bound = _view(r, delta)
+    return torch.maximum(torch.minimum(delta, bound), -bound)
+
+
+def _uniform_ball(shape: torch.Size, norm: float, radius: Tensor, *, device, dtype,
+                  generator: torch.Generator | None) -> Tensor:
+    """Points drawn uniformly in the lp ball (p in {1, 2, inf}) of per-row ``radius``."""
+    batch, dim = shape[0], math.prod(shape[1:])
+    kw = {"device": device, "dtype": torch.float64, "generator": generator}
+    if norm == math.inf:
+        flat = torch.rand(batch, dim, **kw) * 2 - 1
+    elif norm == 2:
+        direction = torch.randn(batch, dim, **kw)
+        direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        flat = direction * torch.rand(batch, 1, **kw) ** (1.0 / dim)
+    else:
+        # (E_1, ..., E_d) / (E_1 + ... + E_{d+1}) with iid Exp(1) is uniform on {y >= 0, sum y <= 1}.
+        exp = -torch.log1p(-torch.rand(batch, dim + 1, **kw))
+        magnitudes = exp[:, :dim] / exp.sum(1, keepdim=True)
+        signs = torch.randint(0, 2, (batch, dim), device=device, generator=generator).double() * 2 - 1
+        flat = magnitudes * signs
+    return (flat * radius.to(device)[:, None]).to(dtype).view(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Success, judges, model helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode, restoring each submodule's own mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _success(predicted: Tensor, y: Tensor, targeted: bool, abstain_is_success: bool) -> Tensor:
+    """Success per input from predicted labels (B,) or top-k sets (B, k)."""
+    predicted = torch.as_tensor(predicted).to(y.device)
+    if predicted.dim() == 1:
+        predicted = predicted[:, None]
+    hit = (predicted == y[:, None]).any(1)
+    if targeted:
+        return hit
+    abstain = predicted[:, 0] == ABSTAIN
+    return ~hit & (~abstain | abstain_is_success)
+
+
+def _topk_labels(logits: Tensor, topk: int) -> Tensor:
+    return logits.argmax(1) if topk == 1 else logits.topk(topk, dim=1).indices
+
+
+def _default_judge(model: nn.Module, topk: int) -> Judge:
+    def judge(x: Tensor) -> Tensor:
+        with torch.no_grad(), _eval_mode(model):
+            return _topk_labels(model(x), topk)
+    return judge
+
+
+def majority_vote_judge(model: nn.Module, noise: Noise, n: int, generator: torch.Generator | None = None,
+                        *, batch_size: int = 4096, topk: int = 1) -> Judge:
+    """Judge by the smoothed hard classifier's majority vote over ``n`` noise draws per input.
+
+    Returns the most frequent class (``topk = 1``) or the ``topk`` most frequent classes; never
+    abstains (use :func:`smooth_predict_judge` for a judge with a confidence test). Draws come from
+    ``generator`` (on the inputs' device) if given; the (input, draw) rows are evaluated in chunks
+    of ``batch_size``.
+    """
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"n and batch_size must be >= 1; got n={n}, batch_size={batch_size}")
+
+    def judge(x: Tensor) -> Tensor:
+        batch = x.shape[0]
+        total = batch * n
+        counts: Tensor | None = None
+        with torch.no_grad(), _eval_mode(model):
+            for start in range(0, total, batch_size):
+                rows = torch.arange(start, min(start + batch_size, total), device=x.device)
+                owners = rows // n
+                delta = noise.sample_noise(len(rows), device=x.device, dtype=x.dtype, generator=generator)
+                logits = model(x[owners] + delta.view(len(rows), *x.shape[1:]))
+                predictions = logits.argmax(1)
+                if counts is None:
+                    counts = torch.zeros(batch, logits.shape[1], dtype=torch.long, device=x.device)
+                counts.index_put_((owners, predictions), torch.ones_like(predictions), accumulate=True)
+        assert counts is not None
+        return _topk_labels(counts, topk)
+
+    return judge
+
+
+def smooth_predict_judge(smooth: Smooth, n: int, alpha: float, batch_size: int = 4096) -> Judge:
+    """Judge by ``Smooth.predict(x, n, alpha, batch_size)``: ``ABSTAIN`` unless the top class wins
+    the two-sided binomial test at ``alpha``. With a large ``n`` and a small ``alpha`` (e.g. 2000 and
+    0.001) Monte-Carlo noise cannot fake a success. Its draws are seeded per position in the batch
+    (``Smooth``'s scheme), so the judge is deterministic for a given input.
+    """
+    def judge(x: Tensor) -> Tensor:
+        return smooth.predict(x, n=n, alpha=alpha, batch_size=batch_size)
+
+    return judge
+
+
+class SmoothedSoftClassifier(nn.Module):
+    """``log( mean_j softmax(model(x + delta_j)) )`` over ``m`` noise draws (see :func:`smoothed`)."""
+
+    def __init__(self, model: nn.Module, noise: Noise, m: int, fresh: bool = True,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"m (number of noise draws) must be an integer >= 1; got {m!r}")
+        self.model = model
+        self.noise = noise
+        self.m = m
+        self.fresh = fresh
+        self.generator = generator
+        self._fixed: dict[tuple, Tensor] = {}
+
+    def resample(self) -> None:
+        """Forget the fixed draws (``fresh=False``): the next call samples new ones."""
+        self._fixed.clear()
+
+    def draws(self, x: Tensor) -> Tensor:
+        """Noise of shape (B, m, *shape) (fresh) or (1, m, *shape) (fixed, shared by all inputs)."""
+        shape = tuple(x.shape[1:])
+        if math.prod(shape) != self.noise.dim:
+            raise ValueError(f"noise dim {self.noise.dim} does not match the input shape {shape}")
+        kw = {"device": x.device, "dtype": x.dtype, "generator": self.generator}
+        if self.fresh:
+            return self.noise.sample_noise(x.shape[0] * self.m, **kw).view(x.shape[0], self.m, *shape)
+        key = (shape, x.device, x.dtype)
+        if key not in self._fixed:
+            self._fixed[key] = self.noise.sample_noise(self.m, **kw).view(1, self.m, *shape)
+        return self._fixed[key]
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, shape = x.shape[0], x.shape[1:]
+        noisy = (x.unsqueeze(1) + self.draws(x)).reshape(batch * self.m, *shape)
+        log_probs = F.log_softmax(self.model(noisy), dim=-1).view(batch, self.m, -1)
+        return torch.logsumexp(log_probs, dim=1) - math.log(self.m)
+
+    def extra_repr(self) -> str:
+        return f"noise={self.noise!r}, m={self.m}, fresh={self.fresh}"
+
+
+def smoothed(model: nn.Module, noise: Noise, m: int, fresh: bool = True,
+             generator: torch.Generator | None = None) -> SmoothedSoftClassifier:
+    """The smoothed soft classifier of ``model`` under ``noise``, for attacks (expectation over noise).
+
+    ``forward(x)`` returns the LOG of the mean softmax of ``model(x + delta_j)`` over ``m`` draws
+    ``delta_j`` (computed stably with ``logsumexp``); it is a valid log-probability vector, so the
+    cross-entropy of an attack is the negative log of the smoothed soft probability of the label, and
+    gradients flow to ``x`` through the average. Every forward evaluates ``B * m`` rows at once.
+
+    ``fresh=True``: new draws at every call (every attack step sees new noise; each input its own).
+    ``fresh=False``: the ``m`` draws are sampled ONCE per input shape (and device/dtype) on the first
+    call and then reused by every later call and shared by all inputs of every batch, so the attack
+    sees a deterministic function (``resample()`` draws new ones). Draws come from ``generator``
+    (on the inputs' device) when given.
+
+    The argmax of this output is a noisy estimate of the smoothed prediction: judge attacks on it
+    with :func:`majority_vote_judge` or :func:`smooth_predict_judge`.
+    """
+    return SmoothedSoftClassifier(model, noise, m, fresh=fresh, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared machinery
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_inputs(x: Tensor, y: Tensor, clip: tuple[float, float] | None) -> Tensor:
+    if x.dim() < 2:
+        raise ValueError(f"x must be a batch (B, ...); got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor; got {x.dtype}")
+    y = torch.as_tensor(y, device=x.device).long().reshape(-1)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"y must have one label per input ({x.shape[0]}); got {y.shape[0]}")
+    if clip is not None:
+        lo, hi = clip
+        if not lo < hi:
+            raise ValueError(f"clip must be (lo, hi) with lo < hi; got {clip}")
+        if x.numel() and (float(x.min()) < lo or float(x.max()) > hi):
+            raise ValueError(f"inputs must lie in the clip box {clip}; got values in "
+                             f"[{float(x.min()):.4g}, {float(x.max()):.4g}] (pass clip=None for no box)")
+    return y
+
+
+def _clamp(x_adv: Tensor, clip: tuple[float, float] | None) -> Tensor:
+    return x_adv if clip is None else x_adv.clamp(clip[0], clip[1])
+
+
+def _check_topk(topk: int) -> None:
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk must be an integer >= 1; got {topk!r}")
+
+
+def _enforce_budget(x: Tensor, x_adv: Tensor, norm: float, eps: Tensor,
+                    clip: tuple[float, float] | None) -> Tensor:
+    """Shrink ``x_adv - x`` (measured in float64) until its ``norm`` is at most ``eps`` per input.
+
+    The target radius is ``eps`` less a relative margin of a few ulps of ``x``'s dtype (growing if
+    rounding back to that dtype still overshoots), so the check holds after the cast.
+    """
+    tiny = 4 * torch.finfo(x.dtype).eps
+    label = _LABELS[norm]
+    for attempt in range(10):
+        delta = x_adv.double() - x.double()
+        size = distances(delta)[label]
+        over = size > eps
+        if not bool(over.any()):
+            return x_adv
+        target = eps[over] * (1 - min(tiny * 4**attempt, 0.5))
+        shrunk = project_lp_ball(delta[over], norm, target)
+        x_adv = x_adv.clone()
+        x_adv[over] = _clamp((x[over].double() + shrunk).to(x.dtype), clip)
+    raise RuntimeError("could not bring the perturbation inside the budget (numerical trouble)")
+
+
+def _finalize(x: Tensor, y: Tensor, x_adv: Tensor, candidate: Tensor, *, judge: Judge, targeted: bool,
+              abstain_is_success: bool, rescue_scales: Sequence[float], clip: tuple[float, float] | None,
+              norm: float | None = None, eps: Tensor | None = None) -> AttackResult:
+    """Enforce the budget, re-check every candidate success with ``judge``, rescue or fail the rest."""
+    x_adv = x_adv.detach()
+    if eps is not None:
+        x_adv = _enforce_budget(x, x_adv, norm, eps, clip)
+    success = torch.zeros_like(candidate)
+    pending = candidate.nonzero().squeeze(1)
+    scales = [1.0, *[float(s) for s in rescue_scales]]
+    with torch.no_grad():
+        for scale in scales:
+            if pending.numel() == 0:
+                break
+            trial = x_adv[pending]
+            if scale != 1.0:
+                base = x[pending]
+                trial = _clamp(base + scale * (trial - base), clip)
+                if eps is not None:
+                    trial = _enforce_budget(base, trial, norm, eps[pending], clip)
+            ok = _success(judge(trial), y[pending], targeted, abstain_is_success)
+            x_adv[pending[ok]] = trial[ok]
+            success[pending[ok]] = True
+            pending = pending[~ok]
+    if eps is not None:  # paranoid final check: never exceed the budget
+        size = distances(x_adv.double() - x.double())[_LABELS[norm]]
+        if bool((size > eps).any()):
+            raise AssertionError("attack exceeded its budget")
+    dist = distances(x_adv.double() - x.double())
+    inf = torch.full_like(dist["l2"], math.inf)
+    for key in dist:
+        dist[key] = torch.where(success, dist[key], inf)
+    return AttackResult(x_adv=x_adv, success=success, labels=y, **dist)
+
+
+def _loss(logits: Tensor, y: Tensor, targeted: bool) -> Tensor:
+    """Per-input loss to ascend: cross-entropy of the label (untargeted) or minus that of the target."""
+    ce = F.cross_entropy(logits, y, reduction="none")
+    return -ce if targeted else ce
+
+
+def _input_gradient(model: nn.Module, x_adv: Tensor, y: Tensor, targeted: bool) -> tuple[Tensor, Tensor]:
+    """(logits, gradient of the summed loss w.r.t. ``x_adv``); model parameters' .grad untouched."""
+    with torch.enable_grad():
+        xg = x_adv.detach().requires_grad_(True)
+        logits = model(xg)
+        (grad,) = torch.autograd.grad(_loss(logits, y, targeted).sum(), xg)
+    return logits.detach(), grad
+
+
+# ----------------------------------------------------------------------------------------------
+# PGD
+# ----------------------------------------------------------------------------------------------
+
+
+def _pgd_step(x: Tensor, x_adv: Tensor, grad: Tensor, norm: float, eps: Tensor, step: Tensor,
+              clip: tuple[float, float] | None, l1_sparsity: float) -> Tensor:
+    """One ascent step from ``x_adv`` followed by projection on the ball around ``x`` and the box."""
+    batch = x.shape[0]
+    delta = x_adv - x
+    if norm == 2:
+        flat = grad.reshape(batch, -1)
+        direction = (flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)).view_as(grad)
+    elif norm == math.inf:
+        direction = grad.sign()
+    else:
+        flat = grad.reshape(batch, -1)
+        movable = torch.ones_like(flat, dtype=torch.bool)
+        if clip is not None:  # coordinates pinned at the bound the gradient pushes towards cannot move
+            pos = x_adv.reshape(batch, -1)
+            movable = ~(((pos >= clip[1]) & (flat > 0)) | ((pos <= clip[0]) & (flat < 0)))
+        magnitude = torch.where(movable, flat.abs(), torch.zeros_like(flat))
+        k = max(1, int(math.ceil(l1_sparsity * flat.shape[1])))
+        top = magnitude.topk(k, dim=1).indices
+        chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True) & (magnitude > 0)
+        count = chosen.sum(1, keepdim=True).clamp_min(1)
+        direction = (flat.sign() * chosen / count).view_as(grad)
+    delta = project_lp_ball(delta + _view(step, delta) * direction, norm, eps)
+    return _clamp(x + delta, clip)
+
+
+def pgd(model: nn.Module, x: Tensor, y: Tensor, norm: float | str = 2, eps: float | Tensor = 0.5, *,
+        steps: int = 40, step_size: float | Tensor | None = None, random_start: bool = False,
+        early_stop: bool = True, targeted: bool = False, generator: torch.Generator | None = None,
+        topk: int = 1, clip: tuple[float, float] | None = (0.0, 1.0), judge: Judge | None = None,
+        judge_every_step: bool = False, abstain_is_success: bool = False,
+        rescue_scales: Sequence[float] = DEFAULT_RESCUE_SCALES, l1_sparsity: float = 0.05) -> AttackResult:
+    """Projected gradient descent on all inputs at once, in the ``norm``-ball (1, 2, inf) of ``eps``.
+
+    Args:
+        model: returns logits (or log-probabilities, e.g. :func:`smoothed`); run in eval mode.
+        x: inputs (B, ...) inside ``clip``; ``y``: labels (untargeted) or targets (``targeted``).
+        eps: radius, a float or one per input (B,). ``step_size``: default ``2.5 * eps / steps``
+            (l2: length of the normalized step; linf: size of the sign step; l1: l1 length of the
+            sparse step).
+        steps: gradient steps (``steps + 1`` success checks). ``random_start``: start from a point
+            drawn uniformly in the ball (then clipped), from ``generator`` (on ``x``'s device).
+        early_stop: freeze each input as soon as it is adversarial (its smallest-step success);
+            otherwise every input runs all steps and the final iterate is judged.
+        topk: success means the label is not in the model's top-k (targeted: the target is in it).
+        judge, judge_every_step, abstain_is_success, rescue_scales: see the module docstring.
+        l1_sparsity: fraction of coordinates moved by an l1 step.
+
+    Returns:
+        :class:`AttackResult`; successes are re-checked with ``judge`` and inside the budget.
+    """
+    norm = parse_norm(norm)
+    y = _check_inputs(x, y, clip)
+    _check_topk(topk)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0; got {steps!r}")
+    if not 0 < l1_sparsity <= 1:
+        raise ValueError(f"l1_sparsity must be in (0, 1]; got {l1_sparsity}")
+    batch = x.shape[0]
+    eps_t = _per_input(eps, batch, x)
+    if bool((eps_t < 0).any()) or not bool(torch.isfinite(eps_t).all()):
+        raise ValueError("eps must be finite and >= 0")
+    step_t = 2.5 * eps_t / max(steps, 1) if step_size is None else _per_input(step_size, batch, x)
+    final_judge = judge if judge is not None else _default_judge(model, topk)
+    x = x.detach()
+
+    with _eval_mode(model):
+        x_adv = x.clone()
+        if random_start:
+            start = _uniform_ball(x.shape, norm, eps_t, device=x.device, dtype=x.dtype, generator=generator)
+            x_adv = _clamp(x + start, clip)
+        found = torch.zeros(batch, dtype=torch.bool, device=x.device)
+        active = torch.ones(batch, dtype=torch.bool, device=x.device)
+        for t in range(steps + 1):
+            idx = active.nonzero().squeeze(1) if early_stop else torch.arange(batch, device=x.device)
+            if idx.numel() == 0:
+                break
+            xa, ya = x_adv[idx], y[idx]
+            last = t == steps
+            if last:
+                with torch.no_grad():
+                    logits, grad = model(xa), None
+            else:
+                logits, grad = _input_gradient(model, xa, ya, targeted)
+            keep = torch.ones(idx.numel(), dtype=torch.bool, device=x.device)
+            if early_stop or last:
+                if judge_every_step and judge is not None:
+                    adv = _success(judge(xa), ya, targeted, abstain_is_success)
+                else:
+                    adv = _success(_topk_labels(logits, topk), ya, targeted, abstain_is_success)
+                if early_stop:
+                    found[idx[adv]] = True
+                    active[idx[adv]] = False
+                    keep = ~adv
+                else:
+                    found[idx] = adv
+            if last:
+                break
+            moving = idx[keep]
+            if moving.numel() == 0:
+                continue
+            x_adv[moving] = _pgd_step(x[moving], xa[keep], grad[keep], norm, eps_t[moving], step_t[moving],
+                                      clip, l1_sparsity)
+        return _finalize(x, y, x_adv, found, judge=final_judge, targeted=targeted,
+                         abstain_is_success=abstain_is_success, rescue_scales=rescue_scales, clip=clip,
+                         norm=norm, eps=eps_t)
+
+
+def pgd_minimal(model: nn.Module, x: Tensor, y: Tensor, norm: float | str, eps_max: float | Tensor, *,
+                search_steps: int = 10, **pgd_kwargs) -> AttackResult:
+    """Minimal-distance PGD: per-input bisection over ``eps`` in ``[0, eps_max]``.
+
+    PGD first runs at ``eps_max``; inputs it cannot fool there fail (``inf``). For the others the
+    bracket ``[lo, hi]`` starts at ``[0, found distance]``; each of ``search_steps`` rounds runs PGD
+    (batched over the still-searching inputs, each at its own ``eps = (lo + hi) / 2``), keeps the
+    perturbation when it is smaller than the best so far, and shrinks the bracket. The result holds
+    the smallest successful (judge-verified) perturbation per input; its distance is within
+    ``eps_max / 2**search_steps`` of the smallest budget at which this PGD succeeds.
+    ``pgd_kwargs`` go to :func:`pgd` (``steps``, ``step_size``, ``random_start``, ``judge``, ...;
+    ``early_stop`` defaults to True so each run stops at its first success).
+    """
+    norm = parse_norm(norm)
+    if isinstance(search_steps, bool) or not isinstance(search_steps, int) or search_steps < 0:
+        raise ValueError(f"search_steps must be an integer >= 0; got {search_steps!r}")
+    label = _LABELS[norm]
+    batch = x.shape[0]
+    y = torch.as_tensor(y, device=x.device).long().reshape(-1)
+    hi = _per_input(eps_max, batch, x)
+    best = pgd(model, x, y, norm, hi, **pgd_kwargs)
+    best_size = best.distance(label).clone()
+    hi = torch.minimum(hi, best_size)
+    lo = torch.zeros_like(hi)
+    for _ in range(search_steps):
+        idx = (best.success & (hi > 0)).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        mid = (lo[idx] + hi[idx]) / 2
+        trial = pgd(model, x[idx], y[idx], norm, mid, **pgd_kwargs)
+        size = trial.distance(label)
+        ok = trial.success
+        better = ok & (size < best_size[idx])
+        where = idx[better]
+        for name in ("x_adv", "l0", "l1", "l2", "linf"):
+            getattr(best, name)[where] = getattr(trial, name)[better]
+        best_size[where] = size[better]
+        hi[idx[ok]] = torch.minimum(mid[ok], size[ok])
+        lo[idx[~ok]] = mid[~ok]
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# DDN
+# ----------------------------------------------------------------------------------------------
+
+
+def ddn(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 100, gamma: float = 0.05,
+        init_norm: float = 1.0, alpha: float = 1.0, alpha_min: float = 0.01, quantize: bool = False,
+        levels: int = 256, clip: tuple[float, float] | None = (0.0, 1.0), topk: int = 1,
+        targeted: bool = False, max_norm: float | None = None, generator: torch.Generator | None = None,
+        judge: Judge | None = None, judge_every_step: bool = False, abstain_is_success: bool = False,
+        rescue_scales: Sequence[float] = DEFAULT_RESCUE_SCALES) -> AttackResult:
+    """Decoupled Direction and Norm l2 attack (Rony et al. 2019), keeping the smallest success.
+
+    Each of ``steps`` iterations: evaluate ``x + delta`` (recording it if it is adversarial and
+    smaller than the best so far), take a step of length ``alpha_t`` along the normalized loss
+    gradient (``alpha_t`` cosine-annealed from ``alpha`` to ``alpha_min``; a zero gradient is
+    replaced by a random direction from ``generator``), update the norm ``epsilon *= 1 - gamma`` if
+    the iterate was adversarial, else ``*= 1 + gamma`` (capped by the largest distance the box
+    allows, and by ``max_norm``), rescale ``delta`` onto the epsilon sphere, optionally quantize
+    ``x + delta`` to ``levels`` values over ``clip``, and clip to the box. The final iterate is
+    checked as well. ``epsilon`` starts at ``init_norm``; as in the original schedule it moves by
+    at most a factor ``1 +- gamma`` per step, so distances below ``init_norm * (1 - gamma)**steps``
+    (or above ``init_norm * (1 + gamma)**steps``) are out of reach: choose ``init_norm`` and
+    ``steps`` for the scale of the data. With ``max_norm`` the result never exceeds it. Successes
+    are re-checked by ``judge`` (see the module docstring); against a smoothed soft classifier the
+    smallest candidate often sits where the smoothed prediction abstains, and ``rescue_scales``
+    then finds the nearest verified point along the same direction.
+    """
+    y = _check_inputs(x, y, clip)
+    _check_topk(topk)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
+    if not 0 < gamma < 1:
+        raise ValueError(f"gamma must be in (0, 1); got {gamma}")
+    if init_norm <= 0 or alpha <= 0 or alpha_min < 0:
+        raise ValueError("init_norm and alpha must be > 0 and alpha_min >= 0")
+    if quantize and clip is None:
+        raise ValueError("quantize needs a clip box (the levels span clip)")
+    batch = x.shape[0]
+    x = x.detach()
+    final_judge = judge if judge is not None else _default_judge(model, topk)
+    flat_x = x.reshape(batch, -1).double()
+    worst = torch.full((batch,), math.inf, dtype=torch.float64, device=x.device)
+    if clip is not None:
+        worst = torch.maximum(flat_x - clip[0], clip[1] - flat_x).norm(dim=1)
+    if max_norm is not None:
+        worst = torch.minimum(worst, torch.full_like(worst, float(max_norm)))
+    epsilon = torch.minimum(torch.full_like(worst, float(init_norm)), worst)
+    best = x.clone()
+    best_norm = torch.full((batch,), math.inf, dtype=torch.float64, device=x.device)
+    delta = torch.zeros_like(x)
+
+    with _eval_mode(model):
+        for t in range(steps + 1):
+            x_adv = _clamp(x + delta, clip)
+            last = t == steps
+            if last:
+                with torch.no_grad():
+                    logits, grad = model(x_adv), None
+            else:
+                logits, grad = _input_gradient(model, x_adv, y, targeted)
+            if judge_every_step and judge is not None:
+                adv = _success(judge(x_adv), y, targeted, abstain_is_success)
+            else:
+                adv = _success(_topk_labels(logits, topk), y, targeted, abstain_is_success)
+            size = delta.reshape(batch, -1).double().norm(dim=1)
+            improved = adv & (size < best_norm)
+            best_norm = torch.where(improved, size, best_norm)
+            best[improved] = x_adv[improved]
+            if last:
+                break
+            alpha_t = alpha_min + (alpha - alpha_min) * (1 + math.cos(math.pi * t / steps)) / 2
+            flat = grad.reshape(batch, -1)
+            gnorm = flat.norm(dim=1)
+            if bool((gnorm == 0).any()):
+                zero = gnorm == 0
+                flat = flat.clone()
+                flat[zero] = torch.randn(int(zero.sum()), flat.shape[1], device=x.device, dtype=x.dtype,
+                                         generator=generator)
+                gnorm = flat.norm(dim=1)
+            delta = delta + alpha_t * (flat / gnorm[:, None]).view_as(delta)
+            epsilon = torch.where(adv, epsilon * (1 - gamma), epsilon * (1 + gamma))
+            epsilon = torch.minimum(epsilon, worst)
+            dnorm = delta.reshape(batch, -1).double().norm(dim=1).clamp_min(1e-30)
+            delta = delta * _view(epsilon / dnorm, delta)
+            x_new = x + delta
+            if quantize:
+                lo, hi = clip
+                x_new = torch.round((x_new - lo) / (hi - lo) * (levels - 1)) / (levels - 1) * (hi - lo) + lo
+            delta = _clamp(x_new, clip) - x
+
+    found = torch.isfinite(best_norm)
+    x_out = torch.where(found.view(-1, *([1] * (x.dim() - 1))), best, _clamp(x + delta, clip))
+    eps = None
+    if max_norm is not None:
+        eps = torch.full((batch,), float(max_norm), dtype=torch.float64, device=x.device)
+    return _finalize(x, y, x_out, found, judge=final_judge, targeted=targeted,
+                     abstain_is_success=abstain_is_success, rescue_scales=rescue_scales, clip=clip,
+                     norm=2.0 if eps is not None else None, eps=eps)
