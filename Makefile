@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_noise_sampling.py
 	$(PY) benchmarks/bench_tables.py
 	$(PY) benchmarks/bench_train_epoch.py
+	$(PY) benchmarks/bench_certify.py
 
 sync: $(STAMP)
 	$(VENV)/bin/jupytext --sync notebooks/*.py
