@@ -58,8 +58,7 @@ must lie in it); ``clip=None`` removes the box.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rslib.certify import ABSTAIN, Smooth
+from rslib.models import eval_mode
 from rslib.noises import Noise, parse_norm
 
 __all__ = [
@@ -240,18 +240,6 @@ def _uniform_ball(shape: torch.Size, norm: float, radius: Tensor, *, device, dty
 # ----------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode, restoring each submodule's own mode afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 def _success(predicted: Tensor, y: Tensor, targeted: bool, abstain_is_success: bool) -> Tensor:
     """Success per input from predicted labels (B,) or top-k sets (B, k)."""
     predicted = torch.as_tensor(predicted).to(y.device)
@@ -270,7 +258,7 @@ def _topk_labels(logits: Tensor, topk: int) -> Tensor:
 
 def _default_judge(model: nn.Module, topk: int) -> Judge:
     def judge(x: Tensor) -> Tensor:
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             return _topk_labels(model(x), topk)
     return judge
 
@@ -291,7 +279,7 @@ def majority_vote_judge(model: nn.Module, noise: Noise, n: int, generator: torch
         batch = x.shape[0]
         total = batch * n
         counts: Tensor | None = None
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             for start in range(0, total, batch_size):
                 rows = torch.arange(start, min(start + batch_size, total), device=x.device)
                 owners = rows // n
@@ -557,7 +545,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, norm: float | str = 2, eps: floa
     final_judge = judge if judge is not None else _default_judge(model, topk)
     x = x.detach()
 
-    with _eval_mode(model):
+    with eval_mode(model):
         x_adv = x.clone()
         if random_start:
             start = _uniform_ball(x.shape, norm, eps_t, device=x.device, dtype=x.dtype, generator=generator)
@@ -693,7 +681,7 @@ def ddn(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 100, gamma: floa
     best_norm = torch.full((batch,), math.inf, dtype=torch.float64, device=x.device)
     delta = torch.zeros_like(x)
 
-    with _eval_mode(model):
+    with eval_mode(model):
         for t in range(steps + 1):
             x_adv = _clamp(x + delta, clip)
             last = t == steps

@@ -71,6 +71,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from rslib.models import eval_mode
+
 __all__ = [
     "FIDELITIES",
     "HeatConfig",
@@ -193,18 +195,6 @@ def _as_output(logits: Tensor, output: str) -> Tensor:
 
 def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode, restoring each submodule's own mode afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 @contextmanager
@@ -343,7 +333,7 @@ def teacher_outputs(teacher: nn.Module, x: Tensor, fidelity: Output = "logits") 
     Evaluated under ``torch.no_grad()`` in eval mode (each submodule's mode is restored after).
     """
     _check_output(fidelity, "fidelity")
-    with torch.no_grad(), _eval_mode(teacher):
+    with torch.no_grad(), eval_mode(teacher):
         return _as_output(teacher(x), fidelity).detach()
 
 
@@ -488,7 +478,7 @@ def monte_carlo_average(
     total = x.shape[0] * samples
     acc: Tensor | None = None
     out_dtype = x.dtype
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         for start in range(0, total, batch_size):
             rows = torch.arange(start, min(start + batch_size, total), device=x.device)
             owner = rows // samples
@@ -519,7 +509,7 @@ def input_gradient_norm(
     _check_output(output)
     if reduce not in ("mean", "max", "none"):
         raise ValueError(f"reduce must be 'mean', 'max' or 'none', got {reduce!r}")
-    with torch.enable_grad(), _eval_mode(model):
+    with torch.enable_grad(), eval_mode(model):
         xg = x.detach().clone().requires_grad_(True)
         logits = model(xg)
         top = logits.argmax(dim=-1, keepdim=True)

@@ -27,14 +27,14 @@ Monte-Carlo smoothed model whose ``p`` is the mean softmax over ``R`` noise draw
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from rslib.models import eval_mode
 from rslib.noises import Noise
 
 __all__ = ["COLUMNS", "test_statistics"]
@@ -44,17 +44,6 @@ COLUMNS = ["idx", "label", "prediction", "rank", "correct_top1", "correct_topk",
            "logit_grad_l1", "first_order_l2", "first_order_linf", "lbound", "lbound_topk", "sigma",
            "topk", "draws"]
 _DISCRETE = ("prediction", "rank", "correct_top1", "correct_topk")
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _log_probs(model: nn.Module, x: Tensor, noise: Noise | None, draws: int,
@@ -146,7 +135,7 @@ def test_statistics(model: nn.Module, x: Tensor, y: Tensor | Sequence[int] | Non
     if labels is not None and labels.shape[0] != batch:
         raise ValueError(f"y must have one label per input ({batch}); got {labels.shape[0]}")
     parts: list[dict[str, Tensor]] = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for start in range(0, batch, batch_size):
             stop = min(start + batch_size, batch)
             if start == 0:

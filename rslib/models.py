@@ -27,7 +27,8 @@ import math
 import os
 import re
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -765,3 +766,15 @@ def load(checkpoint_path: str | os.PathLike[str], device: Any = "cpu") -> Normal
         )
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode, restoring each submodule's own mode afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training

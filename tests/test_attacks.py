@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import Linear2
 from scipy.optimize import minimize
 from torch import nn
 
@@ -33,26 +34,7 @@ from rslib.certify import Smooth
 from rslib.data import load_dataset
 from rslib.noises import make_noise
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronization cost (large on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Linear2(nn.Module):
-    """Two logits (0, w.x + b): class 1 iff w.x + b > 0."""
-
-    def __init__(self, w: torch.Tensor, b: float) -> None:
-        super().__init__()
-        self.w, self.b = w, b
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        score = x.flatten(1) @ self.w + self.b
-        return torch.stack([torch.zeros_like(score), score], dim=1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _norm(delta: torch.Tensor, p: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import Linear2
 from scipy import stats
 from statsmodels.stats.proportion import proportion_confint
 from torch import nn
@@ -26,18 +27,6 @@ from rslib.certify import (
     recertify,
 )
 from rslib.noises import make_noise
-
-
-class Linear2(nn.Module):
-    """Two logits (0, w.x + b): class 1 iff w.x + b > 0."""
-
-    def __init__(self, w: torch.Tensor, b: float) -> None:
-        super().__init__()
-        self.w, self.b = w, b
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        score = x.flatten(1) @ self.w + self.b
-        return torch.stack([torch.zeros_like(score), score], dim=1)
 
 
 @pytest.fixture(scope="module")
