@@ -23,8 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import median_seconds  # noqa: E402
 
-from rslib.certify import Smooth, deterministic_certify  # noqa: E402
+from rslib.certify import Smooth
 from rslib.io import atomic_write_json, provenance  # noqa: E402
+from rslib.lbound import deterministic_certify  # noqa: E402
 from rslib.models import build_model  # noqa: E402
 from rslib.noises import make_noise  # noqa: E402
 

@@ -51,7 +51,7 @@ import pandas as pd
 from IPython.display import display
 
 import rslib.params
-from rslib import attack_run, plots
+from rslib import attack_stage, layout, metrics, plots
 from rslib.io import atomic_write_text
 
 experiment = rslib.params.load(params_file)
@@ -62,8 +62,8 @@ print(f"experiment {experiment.experiment}: {spec.target} target, attacks {', '.
       f"(at most {spec.max or 'all'})")
 
 # %%
-paths = attack_run.attack_experiment(experiment, output_dir)
-tables, meta, lbound = attack_run.read_results(output_dir)
+paths = attack_stage.attack_experiment(experiment, output_dir)
+tables, meta, lbound = attack_stage.read_results(output_dir)
 checkpoint = meta["checkpoint"]
 print(f"model: {checkpoint['path']} ({checkpoint['arch']}, trained by {checkpoint['train_experiment']!r} "
       f"in mode {checkpoint['train_mode']!r})")
@@ -87,7 +87,7 @@ display(pd.concat(tables.values(), ignore_index=True))
 
 # %%
 norms = ["l2"] + ([spec.norm] if spec.norm != "l2" else [])
-display(attack_run.summary(tables, norms=["l0", "l1", "l2", "linf"]).T.round(4))
+display(metrics.attack_summary(tables, norms=["l0", "l1", "l2", "linf"]).T.round(4))
 
 # %% [markdown]
 # ## Empirical CDF of the adversarial distance
@@ -95,11 +95,11 @@ display(attack_run.summary(tables, norms=["l0", "l1", "l2", "linf"]).T.round(4))
 # are never counted, so each curve levels off at its success rate.
 
 # %%
-cdf = pd.concat([attack_run.distance_cdf(tables, norm) for norm in norms], ignore_index=True)
-atomic_write_text(output_dir / "results" / attack_run.CDF, cdf.to_csv(index=False))
+cdf = pd.concat([metrics.distance_cdf(tables, norm) for norm in norms], ignore_index=True)
+atomic_write_text(layout.results_dir(output_dir) / layout.ATTACK_CDF, cdf.to_csv(index=False))
 figure = plots.plot_attack_cdf(cdf, title=f"{experiment.experiment}: {spec.target} target, "
                                           f"{meta['selection']['images']} test images")
-written = plots.save_figure(figure, output_dir / "figures" / attack_run.FIGURE)
+written = plots.save_figure(figure, output_dir / layout.FIGURES / layout.ATTACK_FIGURE)
 print("figures:", ", ".join(str(p) for p in written))
 
 # %% [markdown]
@@ -113,7 +113,7 @@ print("figures:", ", ".join(str(p) for p in written))
 info = meta["lbound"]
 print(f"L-bound ({info['softmax']}), sigma = {info['sigma']}, top-{info['topk']}: APPROXIMATE")
 display(lbound.describe().T.round(4))
-comparison = attack_run.lbound_comparison(tables, lbound)
+comparison = metrics.lbound_comparison(tables, lbound)
 correct = comparison["correct"].astype(bool)
 print(f"clean accuracy (top-1 of this softmax): {correct.mean():.4f}; correctly classified images whose "
       f"L-bound exceeds the smallest attack distance: {int(comparison['lbound_exceeds_attack'].sum())} of "

@@ -41,7 +41,7 @@ output_dir = "."
 # %%
 from IPython.display import Markdown, display
 
-from rslib import plots, results
+from rslib import metrics, plots, results
 
 study, data, out = results.open_study(output_dir, results.load_certify_group)
 
@@ -114,7 +114,7 @@ for cert in data.values():
         continue
     display(Markdown(f"### {group.title}"))
     swept = cert.curves[cert.curves["family"].isin(cert.sweeps)]
-    env = results.envelope(swept)
+    env = metrics.envelope(swept)
     out.tables(group, {"cert_envelope": env})
     for norm in group.norms:
         figure = plots.plot_sigma_facets(cert.curves, norm, list(cert.sweeps), env,

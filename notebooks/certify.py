@@ -25,7 +25,7 @@
 # - certified accuracy at radius r is the fraction of **all** evaluated images that are correct with
 #   radius >= r: abstains count as failures;
 # - rows are appended to disk as they are computed, so an interrupted run resumes where it stopped;
-#   under `torchrun -m rslib.certify_run` the images are sharded across processes.
+#   under `torchrun -m rslib stage certify` the images are sharded across processes.
 #
 # With `certify.deterministic: true` (a heat-averaged model) the notebook also shows HeatSmoothing's
 # **approximate** L-bound, R = sigma sqrt(pi/2) (p_top - p_runner_up), from one clean forward pass,
@@ -46,7 +46,7 @@ import pandas as pd
 from IPython.display import display
 
 import rslib.params
-from rslib import certify_run, plots
+from rslib import certify_stage, layout, metrics, plots
 from rslib.io import atomic_write_text
 
 experiment = rslib.params.load(params_file)
@@ -57,8 +57,8 @@ print(f"experiment {experiment.experiment}: {experiment.model.arch} on {experime
       f"alpha={spec.alpha}; test images 0, {spec.skip}, {2 * spec.skip}, ... (at most {spec.max or 'all'})")
 
 # %%
-csv_path = certify_run.certify_experiment(experiment, output_dir)
-table, meta, lbound = certify_run.read_results(output_dir)
+csv_path = certify_stage.certify_experiment(experiment, output_dir)
+table, meta, lbound = certify_stage.read_results(output_dir)
 checkpoint = meta["checkpoint"]
 print(f"model: {checkpoint['path']} ({checkpoint['arch']}, trained by {checkpoint['train_experiment']!r} "
       f"in mode {checkpoint['train_mode']!r})")
@@ -79,16 +79,16 @@ display(table)
 # the abstain rate, the average certified radius (ACR), then certified accuracy on a grid of radii.
 
 # %%
-display(certify_run.summary(table).round(4))
-grid = certify_run.accuracy_table(table)
+display(metrics.certify_summary(table).round(4))
+grid = metrics.accuracy_table(table)
 display(grid.pivot(index="point", columns="norm", values=["radius", "certified_accuracy"]).round(4))
 
 # %%
-curves = certify_run.accuracy_curves(table)
+curves = metrics.accuracy_curves(table)
 if lbound is not None:
-    curves = pd.concat([curves, certify_run.accuracy_curves(certify_run.lbound_as_table(lbound), ["l2"],
-                                                            certify_run.LBOUND_METHOD)], ignore_index=True)
-atomic_write_text(output_dir / "results" / certify_run.CURVES, curves.to_csv(index=False))
+    curves = pd.concat([curves, metrics.accuracy_curves(metrics.lbound_as_table(lbound), ["l2"],
+                                                            metrics.LBOUND_METHOD)], ignore_index=True)
+atomic_write_text(layout.results_dir(output_dir) / layout.CERTIFY_CURVES, curves.to_csv(index=False))
 figure = plots.plot_certified_accuracy(
     curves, title=f"{experiment.experiment}: {meta['noise_description']}, n = {spec.n}, alpha = {spec.alpha}")
 written = plots.save_figure(figure, output_dir / "figures" / "certified_accuracy")

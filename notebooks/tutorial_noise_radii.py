@@ -40,9 +40,9 @@ import rslib.params
 from rslib import plots
 from rslib.data import load_digits
 from rslib.io import atomic_write_json, atomic_write_text, provenance
+from rslib.noises import NORM_LABELS, conversion_factor
 from rslib.noises.curves import (
     certificate_sources,
-    conversion_penalty,
     noise_summary,
     radii_at,
     radius_curves,
@@ -56,7 +56,6 @@ cfg = experiment.tutorial
 figures_dir = Path(output_dir) / "figures"
 results_dir = Path(output_dir) / "results"
 written: list[Path] = []
-NORMS = ("l1", "l2", "linf")
 noise_lists = {"l1": cfg.l1_noises, "l2": cfg.l2_noises, "linf": cfg.linf_noises}
 
 plots.style()
@@ -95,7 +94,7 @@ print(f"experiment {experiment.experiment!r}: d = {cfg.dim}, sigma = {cfg.sigma}
 # into the other; the table below is what it gives at this notebook's $d$ and $\sigma$.
 
 # %%
-summary = noise_summary([s for norm in NORMS for s in noise_lists[norm]], cfg.dim, cfg.sigma)
+summary = noise_summary([s for norm in NORM_LABELS for s in noise_lists[norm]], cfg.dim, cfg.sigma)
 summary[["noise", "dim", "sigma", "lambd", "direct"]]
 
 # %% [markdown]
@@ -106,7 +105,7 @@ summary[["noise", "dim", "sigma", "lambd", "direct"]]
 
 # %%
 certificates = summary.set_index("noise")
-for norm in NORMS:
+for norm in NORM_LABELS:
     print(f"--- {norm} adversary")
     for label in map(spec_label, noise_lists[norm]):
         how = certificates.loc[label, f"certificate_{norm}"].split(": ", 1)[1]
@@ -148,11 +147,11 @@ written += plots.save_figure(fig, figures_dir / "noise_samples")
 
 # %%
 rho = np.linspace(cfg.rho_min, cfg.rho_max, cfg.num_rho)
-curves = {norm: radius_curves(noise_lists[norm], cfg.dim, cfg.sigma, rho, norm) for norm in NORMS}
+curves = {norm: radius_curves(noise_lists[norm], cfg.dim, cfg.sigma, rho, norm) for norm in NORM_LABELS}
 frame = pd.concat(curves.values(), ignore_index=True)
 palette = plots.noise_palette(frame["noise"])
 norm_names = {"l1": r"$\ell_1$", "l2": r"$\ell_2$", "linf": r"$\ell_\infty$"}
-for norm in NORMS:
+for norm in NORM_LABELS:
     ax = plots.plot_radius_curves(
         curves[norm], palette=palette, logy=(norm == "linf"),
         title=f"{norm_names[norm]} adversary, d = {cfg.dim}, $\\sigma$ = {cfg.sigma:g}",
@@ -245,7 +244,7 @@ if "Gaussian" in l2_wide:
 # cube-shaped families). The numbers, computed exactly at a few values of $\rho$:
 
 # %%
-print({f"{q} -> linf": round(conversion_penalty(cfg.dim, q, "linf"), 2) for q in ("l1", "l2")})
+print({f"{q} -> linf": round(conversion_factor(cfg.dim, q, "linf"), 2) for q in ("l1", "l2")})
 linf_table = radii_at(radius_curves(cfg.linf_noises, cfg.dim, cfg.sigma, RHO_TABLE, "linf"), RHO_TABLE)
 display(linf_table)
 

@@ -67,7 +67,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rslib.certify import ABSTAIN, Smooth
+from rslib.certify import (
+    ABSTAIN,
+    Smooth,
+    SmoothedSoftClassifier,
+    perturb_with,
+    smoothed,
+    vote_counts,
+)
 from rslib.models import eval_mode
 from rslib.noises import Noise, parse_norm
 
@@ -276,20 +283,8 @@ def majority_vote_judge(model: nn.Module, noise: Noise, n: int, generator: torch
         raise ValueError(f"n and batch_size must be >= 1; got n={n}, batch_size={batch_size}")
 
     def judge(x: Tensor) -> Tensor:
-        batch = x.shape[0]
-        total = batch * n
-        counts: Tensor | None = None
-        with torch.no_grad(), eval_mode(model):
-            for start in range(0, total, batch_size):
-                rows = torch.arange(start, min(start + batch_size, total), device=x.device)
-                owners = rows // n
-                delta = noise.sample_noise(len(rows), device=x.device, dtype=x.dtype, generator=generator)
-                logits = model(x[owners] + delta.view(len(rows), *x.shape[1:]))
-                predictions = logits.argmax(1)
-                if counts is None:
-                    counts = torch.zeros(batch, logits.shape[1], dtype=torch.long, device=x.device)
-                counts.index_put_((owners, predictions), torch.ones_like(predictions), accumulate=True)
-        assert counts is not None
+        with eval_mode(model):
+            counts = vote_counts(model, x, n, batch_size, perturb_with(noise, [generator] * len(x)))
         return _topk_labels(counts, topk)
 
     return judge
@@ -305,69 +300,6 @@ def smooth_predict_judge(smooth: Smooth, n: int, alpha: float, batch_size: int =
         return smooth.predict(x, n=n, alpha=alpha, batch_size=batch_size)
 
     return judge
-
-
-class SmoothedSoftClassifier(nn.Module):
-    """``log( mean_j softmax(model(x + delta_j)) )`` over ``m`` noise draws (see :func:`smoothed`)."""
-
-    def __init__(self, model: nn.Module, noise: Noise, m: int, fresh: bool = True,
-                 generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"m (number of noise draws) must be an integer >= 1; got {m!r}")
-        self.model = model
-        self.noise = noise
-        self.m = m
-        self.fresh = fresh
-        self.generator = generator
-        self._fixed: dict[tuple, Tensor] = {}
-
-    def resample(self) -> None:
-        """Forget the fixed draws (``fresh=False``): the next call samples new ones."""
-        self._fixed.clear()
-
-    def draws(self, x: Tensor) -> Tensor:
-        """Noise of shape (B, m, *shape) (fresh) or (1, m, *shape) (fixed, shared by all inputs)."""
-        shape = tuple(x.shape[1:])
-        if math.prod(shape) != self.noise.dim:
-            raise ValueError(f"noise dim {self.noise.dim} does not match the input shape {shape}")
-        kw = {"device": x.device, "dtype": x.dtype, "generator": self.generator}
-        if self.fresh:
-            return self.noise.sample_noise(x.shape[0] * self.m, **kw).view(x.shape[0], self.m, *shape)
-        key = (shape, x.device, x.dtype)
-        if key not in self._fixed:
-            self._fixed[key] = self.noise.sample_noise(self.m, **kw).view(1, self.m, *shape)
-        return self._fixed[key]
-
-    def forward(self, x: Tensor) -> Tensor:
-        batch, shape = x.shape[0], x.shape[1:]
-        noisy = (x.unsqueeze(1) + self.draws(x)).reshape(batch * self.m, *shape)
-        log_probs = F.log_softmax(self.model(noisy), dim=-1).view(batch, self.m, -1)
-        return torch.logsumexp(log_probs, dim=1) - math.log(self.m)
-
-    def extra_repr(self) -> str:
-        return f"noise={self.noise!r}, m={self.m}, fresh={self.fresh}"
-
-
-def smoothed(model: nn.Module, noise: Noise, m: int, fresh: bool = True,
-             generator: torch.Generator | None = None) -> SmoothedSoftClassifier:
-    """The smoothed soft classifier of ``model`` under ``noise``, for attacks (expectation over noise).
-
-    ``forward(x)`` returns the LOG of the mean softmax of ``model(x + delta_j)`` over ``m`` draws
-    ``delta_j`` (computed stably with ``logsumexp``); it is a valid log-probability vector, so the
-    cross-entropy of an attack is the negative log of the smoothed soft probability of the label, and
-    gradients flow to ``x`` through the average. Every forward evaluates ``B * m`` rows at once.
-
-    ``fresh=True``: new draws at every call (every attack step sees new noise; each input its own).
-    ``fresh=False``: the ``m`` draws are sampled ONCE per input shape (and device/dtype) on the first
-    call and then reused by every later call and shared by all inputs of every batch, so the attack
-    sees a deterministic function (``resample()`` draws new ones). Draws come from ``generator``
-    (on the inputs' device) when given.
-
-    The argmax of this output is a noisy estimate of the smoothed prediction: judge attacks on it
-    with :func:`majority_vote_judge` or :func:`smooth_predict_judge`.
-    """
-    return SmoothedSoftClassifier(model, noise, m, fresh=fresh, generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------

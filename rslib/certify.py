@@ -13,20 +13,33 @@
 Noise for input ``i`` comes from its own generator seeded by ``(seed, i)``, so rows do not depend on
 how inputs are batched or sharded across processes. Noise batches pack several inputs so that the
 model always sees full batches, and memory does not grow with ``n``.
+
+This module is the one home of the Monte-Carlo smoothed classifier, hard and soft:
+
+- :func:`noisy_batches` -- the packed loop over the ``B * num`` (input, draw) rows, filled in place
+  into one reused buffer; :func:`vote_counts` counts the base classifier's votes over it (``Smooth``,
+  the attacks' majority-vote judge) and :func:`soft_average` averages its softmax or logits (the
+  Gaussian average a heat-smoothed model approximates);
+- :func:`mean_softmax_log` -- ``log mean_j softmax(f(x + delta_j))`` from the logits of consecutive
+  draws: the smoothed soft classifier of :func:`smoothed` (attacks, L-bound statistics) and the
+  training objectives (direct likelihood, SmoothAdv).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from rslib.models import eval_mode
 from rslib.noises import NORMS, Noise, norm_label
 from rslib.stats import clopper_pearson_lower, should_abstain
 
@@ -91,6 +104,153 @@ def radii_frame(prob_lb: np.ndarray, noise: Noise) -> dict[str, np.ndarray]:
     return out
 
 
+# --------------------------------------------------------------------------- the Monte-Carlo loop
+
+#: ``perturb(rows, clean, image)`` fills ``rows`` (a view of the reused buffer) with noisy copies of
+#: the flattened input ``clean`` of position ``image`` in the batch.
+Perturb = Callable[[torch.Tensor, torch.Tensor, int], None]
+
+
+def noisy_batches(x: torch.Tensor, num: int, batch_size: int,
+                  perturb: Perturb) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(owners, noisy)`` over the ``B * num`` (input, draw) rows of ``x`` in chunks of ``batch_size``.
+
+    A chunk may span inputs, so the model always sees full batches; ``owners`` gives each row's input.
+    The rows live in one reused buffer (memory does not grow with ``num``): use a chunk before the next.
+    """
+    if num < 1 or batch_size < 1:
+        raise ValueError(f"the number of draws and batch_size must be >= 1; got {num} and {batch_size}")
+    batch, device = x.shape[0], x.device
+    flat = x.reshape(batch, -1)
+    total = batch * num
+    buffer = torch.empty(min(batch_size, total), flat.shape[1], device=device, dtype=flat.dtype)
+    for start in range(0, total, batch_size):
+        stop = min(start + batch_size, total)
+        owners = torch.arange(start, stop, device=device) // num
+        for image in range(start // num, (stop - 1) // num + 1):
+            lo, hi = max(start, image * num) - start, min(stop, (image + 1) * num) - start
+            perturb(buffer[lo:hi], flat[image], image)
+        yield owners, buffer[: stop - start].view(stop - start, *x.shape[1:])
+
+
+def perturb_with(noise: Noise, generators: Sequence[torch.Generator | None]) -> Perturb:
+    """Fill rows of input ``i`` from ``generators[i]`` (one generator per input, or the same one repeated)."""
+    def perturb(rows: torch.Tensor, clean: torch.Tensor, image: int) -> None:
+        noise.perturb_(rows, clean, generators[image])
+    return perturb
+
+
+@torch.inference_mode()
+def vote_counts(logits_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, num: int, batch_size: int,
+                perturb: Perturb) -> torch.Tensor:
+    """Class counts ``(B, K)`` of ``argmax logits_of(x_i + delta)`` over ``num`` draws per input."""
+    counts: torch.Tensor | None = None
+    for owners, noisy in noisy_batches(x, num, batch_size, perturb):
+        logits = logits_of(noisy)
+        predictions = logits.argmax(1)
+        if counts is None:
+            counts = torch.zeros(x.shape[0], logits.shape[1], dtype=torch.long, device=x.device)
+        counts.index_put_((owners, predictions), torch.ones_like(predictions), accumulate=True)
+    assert counts is not None  # num >= 1
+    return counts
+
+
+def soft_average(model: nn.Module, x: torch.Tensor, noise: Noise, num: int, *, batch_size: int,
+                 generator: torch.Generator | None = None,
+                 output: Literal["softmax", "logits"] = "softmax") -> torch.Tensor:
+    """Monte-Carlo estimate of ``E[softmax(model(x + delta))]`` (or of the logits), shape ``(B, K)``.
+
+    ``num`` draws per input from ``generator``, evaluated in eval mode without gradients, averaged in
+    float64 and returned in the model's output dtype: the Gaussian average that a heat-smoothed model
+    approximates, when ``noise`` is Gaussian.
+    """
+    if output not in ("softmax", "logits"):
+        raise ValueError(f"output must be 'softmax' or 'logits'; got {output!r}")
+    total: torch.Tensor | None = None
+    dtype = x.dtype
+    with torch.no_grad(), eval_mode(model):
+        for owners, noisy in noisy_batches(x, num, batch_size, perturb_with(noise, [generator] * len(x))):
+            out = model(noisy)
+            out = torch.softmax(out, dim=-1) if output == "softmax" else out
+            if total is None:
+                dtype = out.dtype
+                total = out.new_zeros((x.shape[0], out.shape[-1]), dtype=torch.float64)
+            total.index_add_(0, owners, out.to(torch.float64))
+    assert total is not None
+    return (total / num).to(dtype)
+
+
+def mean_softmax_log(logits: torch.Tensor, draws: int) -> torch.Tensor:
+    """``log`` of the mean softmax over ``draws`` consecutive rows per input: ``(B * draws, K) -> (B, K)``."""
+    log_probs = F.log_softmax(logits, dim=-1).view(-1, draws, logits.shape[-1])
+    return torch.logsumexp(log_probs, dim=1) - math.log(draws)
+
+
+class SmoothedSoftClassifier(nn.Module):
+    """``log( mean_j softmax(model(x + delta_j)) )`` over ``m`` noise draws (see :func:`smoothed`)."""
+
+    def __init__(self, model: nn.Module, noise: Noise, m: int, fresh: bool = True,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"m (number of noise draws) must be an integer >= 1; got {m!r}")
+        self.model = model
+        self.noise = noise
+        self.m = m
+        self.fresh = fresh
+        self.generator = generator
+        self._fixed: dict[tuple, torch.Tensor] = {}
+
+    def resample(self) -> None:
+        """Forget the fixed draws (``fresh=False``): the next call samples new ones."""
+        self._fixed.clear()
+
+    def draws(self, x: torch.Tensor) -> torch.Tensor:
+        """Noise of shape (B, m, *shape) (fresh) or (1, m, *shape) (fixed, shared by all inputs)."""
+        shape = tuple(x.shape[1:])
+        if math.prod(shape) != self.noise.dim:
+            raise ValueError(f"noise dim {self.noise.dim} does not match the input shape {shape}")
+        kw = {"device": x.device, "dtype": x.dtype, "generator": self.generator}
+        if self.fresh:
+            return self.noise.sample_noise(x.shape[0] * self.m, **kw).view(x.shape[0], self.m, *shape)
+        key = (shape, x.device, x.dtype)
+        if key not in self._fixed:
+            self._fixed[key] = self.noise.sample_noise(self.m, **kw).view(1, self.m, *shape)
+        return self._fixed[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, shape = x.shape[0], x.shape[1:]
+        noisy = (x.unsqueeze(1) + self.draws(x)).reshape(batch * self.m, *shape)
+        return mean_softmax_log(self.model(noisy), self.m)
+
+    def extra_repr(self) -> str:
+        return f"noise={self.noise!r}, m={self.m}, fresh={self.fresh}"
+
+
+def smoothed(model: nn.Module, noise: Noise, m: int, fresh: bool = True,
+             generator: torch.Generator | None = None) -> SmoothedSoftClassifier:
+    """The smoothed soft classifier of ``model`` under ``noise``, for attacks (expectation over noise).
+
+    ``forward(x)`` returns the LOG of the mean softmax of ``model(x + delta_j)`` over ``m`` draws
+    ``delta_j`` (computed stably with ``logsumexp``); it is a valid log-probability vector, so the
+    cross-entropy of an attack is the negative log of the smoothed soft probability of the label, and
+    gradients flow to ``x`` through the average. Every forward evaluates ``B * m`` rows at once.
+
+    ``fresh=True``: new draws at every call (every attack step sees new noise; each input its own).
+    ``fresh=False``: the ``m`` draws are sampled ONCE per input shape (and device/dtype) on the first
+    call and then reused by every later call and shared by all inputs of every batch, so the attack
+    sees a deterministic function (``resample()`` draws new ones). Draws come from ``generator``
+    (on the inputs' device) when given.
+
+    The argmax of this output is a noisy estimate of the smoothed prediction: judge attacks on it
+    with the smoothed hard classifier (``Smooth.predict`` or a majority vote of :func:`vote_counts`).
+    """
+    return SmoothedSoftClassifier(model, noise, m, fresh=fresh, generator=generator)
+
+
+# --------------------------------------------------------------------------- Smooth
+
+
 class Smooth:
     """Monte-Carlo smoothed classifier around ``model`` with ``noise`` (any rslib noise)."""
 
@@ -103,36 +263,23 @@ class Smooth:
         self.autocast = autocast
         self.channels_last = channels_last
 
-    def _forward_classes(self, batch: torch.Tensor) -> torch.Tensor:
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
         if self.channels_last and batch.dim() == 4:
             batch = batch.contiguous(memory_format=torch.channels_last)
         if self.autocast is not None:
             with torch.autocast(batch.device.type, dtype=self.autocast):
-                return self.model(batch).argmax(1)
-        return self.model(batch).argmax(1)
+                return self.model(batch)
+        return self.model(batch)
 
-    @torch.inference_mode()
     def sample_counts(self, x: torch.Tensor, num: int, batch_size: int, indices: Sequence[int],
                       stage: int = _ESTIMATION) -> torch.Tensor:
-        """Class counts (B, num_classes) of ``f(x_i + delta)`` over ``num`` draws per input.
-
-        The (input, draw) pairs are processed in chunks of ``batch_size`` rows that may span inputs.
-        """
-        device = x.device
-        batch = x.shape[0]
-        counts = torch.zeros(batch, self.num_classes, dtype=torch.long, device=device)
-        generators = [_generator(self.seed, int(i), stage, device) for i in indices]
-        flat = x.reshape(batch, -1)
-        total = batch * num
-        buffer = torch.empty(min(batch_size, total), flat.shape[1], device=device, dtype=flat.dtype)
-        for start in range(0, total, batch_size):
-            stop = min(start + batch_size, total)
-            owners = torch.arange(start, stop, device=device) // num
-            for image in range(start // num, (stop - 1) // num + 1):
-                lo, hi = max(start, image * num) - start, min(stop, (image + 1) * num) - start
-                self.noise.perturb_(buffer[lo:hi], flat[image], generators[image])
-            predictions = self._forward_classes(buffer[: stop - start].view(stop - start, *x.shape[1:]))
-            counts.index_put_((owners, predictions), torch.ones_like(predictions), accumulate=True)
+        """Class counts (B, num_classes) of ``f(x_i + delta)`` over ``num`` draws per input, the draws of
+        input ``i`` from its own stream ``(seed, indices[i], stage)``."""
+        generators = [_generator(self.seed, int(i), stage, x.device) for i in indices]
+        counts = vote_counts(self._logits, x, num, batch_size, perturb_with(self.noise, generators))
+        if counts.shape[1] != self.num_classes:
+            raise ValueError(f"the model outputs {counts.shape[1]} classes but Smooth was built with "
+                             f"num_classes={self.num_classes}")
         return counts
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int = 4096,
@@ -197,50 +344,3 @@ def recertify(table: pd.DataFrame, noise: Noise, alpha: float | None = None) -> 
     table["prediction"] = table["selected"].where(certified, ABSTAIN)
     table["correct"] = table["in_selection"].astype("boolean") & certified
     return table
-
-
-def certified_accuracy(table: pd.DataFrame, radii: Sequence[float] | np.ndarray, norm: str = "l2") -> np.ndarray:
-    """Fraction of ALL rows (abstains count as failures) that are correct with radius >= r, per r."""
-    correct = table["correct"].fillna(False).to_numpy(dtype=bool)
-    radius = table[f"radius_{norm}"].to_numpy()
-    radii = np.asarray(radii, dtype=float)
-    return np.array([(correct & (radius >= r)).mean() if len(table) else math.nan for r in radii])
-
-
-def average_certified_radius(table: pd.DataFrame, norm: str = "l2") -> float:
-    """Mean over all rows of radius * correct (ACR; abstains and errors contribute 0)."""
-    correct = table["correct"].fillna(False).to_numpy(dtype=bool)
-    return float((table[f"radius_{norm}"].to_numpy() * correct).mean()) if len(table) else math.nan
-
-
-@dataclass
-class DeterministicResult:
-    """One-pass classification of an averaged model with its approximate L-bound radius."""
-
-    prediction: np.ndarray
-    topk_indices: np.ndarray
-    margin: np.ndarray
-    radius: np.ndarray
-    seconds: np.ndarray
-
-    def correct(self, labels: np.ndarray) -> np.ndarray:
-        """Whether each label is in the top-k set (top-1 when k = 1)."""
-        return (self.topk_indices == np.asarray(labels)[:, None]).any(1)
-
-
-@torch.inference_mode()
-def deterministic_certify(model: nn.Module, x: torch.Tensor, sigma: float, topk: int = 1) -> DeterministicResult:
-    """HeatSmoothing's L-bound: ``R = sigma * sqrt(pi/2) * margin`` of the softmax outputs.
-
-    APPROXIMATE: it holds for an exact Gaussian average with outputs in [0, 1], which a trained
-    averaged network only approximates. ``margin`` is ``p_(k) - p_(k+1)`` (top-1: top minus runner-up).
-    For a rigorous certificate, smooth the same model with ``Smooth`` and Gaussian noise at ``sigma``.
-    """
-    tic = time.perf_counter()
-    probs = torch.softmax(model.eval()(x), dim=1)
-    ordered = probs.topk(topk + 1, dim=1)
-    margin = (ordered.values[:, topk - 1] - ordered.values[:, topk]).cpu().numpy()
-    seconds = (time.perf_counter() - tic) / len(x)
-    indices = ordered.indices.cpu().numpy()
-    return DeterministicResult(prediction=indices[:, 0], topk_indices=indices[:, :topk], margin=margin,
-                               radius=sigma * math.sqrt(math.pi / 2) * margin, seconds=np.full(len(x), seconds))

@@ -1,4 +1,5 @@
-"""The ``rslib`` console script: ``rslib run``, ``rslib validate`` and ``rslib resolve``, for experiments and studies."""
+"""The ``rslib`` command line (also ``python -m rslib``): ``run``, ``validate`` and ``resolve`` for experiments
+and studies, and ``stage train|certify|attack`` to run one stage directly (every rank under ``torchrun``)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rslib import params, study
-from rslib.run import (
-    RunError,
-    RunReport,
-    experiment_dir,
-    format_plan,
-    plan,
-    resolved_params_text,
-    run,
-)
+from rslib import layout, models, params, study
+from rslib.checkpoint_import import INPUT_LAYERS, SOURCES, import_checkpoint
+from rslib.data import DATASETS
+from rslib.runner import RunError, RunReport, format_plan, plan, resolved_params_text, run_file
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+#: ``rslib stage NAME``: module and function of each stage that runs without a notebook.
+_STAGE_FUNCTIONS = {"train": ("rslib.train", "fit"), "certify": ("rslib.certify_stage", "certify_experiment"),
+                    "attack": ("rslib.attack_stage", "attack_experiment")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,14 +45,39 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     resolve = commands.add_parser(
-        "resolve", help="print one experiment's resolved parameters (for torchrun -m rslib.train ...)",
+        "resolve", help="print one experiment's resolved parameters (for torchrun -m rslib stage ...)",
         description="Print the resolved parameters of an experiment file, or of one experiment of a study, "
-                    "as YAML with absolute paths: the file torchrun -m rslib.train / rslib.certify_run / "
-                    "rslib.attack_run take.")
+                    "as YAML with absolute paths: the file `torchrun ... -m rslib stage train|certify|attack` "
+                    "takes.")
     resolve.add_argument("params", help="experiment or study YAML file")
     resolve.add_argument("experiment", nargs="?", help="the experiment's name (studies only)")
     resolve.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a parameter, as for rslib run")
+    stage = commands.add_parser(
+        "stage", help="run one stage of one experiment in this process (under torchrun: on every rank)",
+        description="Run the train, certify or attack stage of one experiment directly, without notebooks: "
+                    "torchrun --nproc_per_node N -m rslib stage certify EXPERIMENT.yaml")
+    stage.add_argument("stage", choices=sorted(_STAGE_FUNCTIONS), help="the stage to run")
+    stage.add_argument("params", help="experiment YAML file (for a study: rslib resolve STUDY NAME > FILE)")
+    stage.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a parameter, as for rslib run")
+    stage.add_argument("--output-dir", default=None, help="default: outputs/<experiment>")
+    stage.add_argument("--no-progress", action="store_true", help="no progress bars")
+    imported = commands.add_parser(
+        "import-checkpoint",
+        help="convert a released checkpoint (Cohen et al., SmoothAdv, rs4a, HeatSmoothing) into an rslib checkpoint",
+        description="Convert a released checkpoint into an rslib checkpoint (normalization inside, provenance "
+                    "recorded) usable as certify.checkpoint, attack.checkpoint or train.heat_base.")
+    imported.add_argument("src", help="the released file, e.g. models/cifar10/resnet110/noise_0.25/checkpoint.pth.tar")
+    imported.add_argument("dst", help="the rslib checkpoint to write, e.g. pretrained/cohen_cifar10_0.25.pt")
+    imported.add_argument("--source", choices=SOURCES,
+                          help="the codebase that wrote SRC (default: recognised from the keys; Cohen and SmoothAdv "
+                               "files look the same, so they need it)")
+    imported.add_argument("--arch", help="stop unless SRC holds this rslib architecture")
+    imported.add_argument("--dataset", choices=sorted(DATASETS), help="stop unless SRC is a model for this dataset")
+    imported.add_argument("--input-layer", choices=INPUT_LAYERS,
+                          help="SmoothAdv only (required): normalize (NormalizeLayer) or center (InputCenterLayer), "
+                               "by model folder as the SmoothAdv README lists")
     add("validate", "check a parameter file and show which stages would run or be skipped")
     add("run", "execute the stage notebooks of an experiment or a study with papermill").add_argument(
         "--force", action="store_true", help="re-run stages even if they finished"
@@ -139,14 +162,49 @@ def _resolve(path: str, name: str | None, overrides: dict) -> str:
     return resolved_params_text(params.with_absolute_paths(exp), note)
 
 
+def _run_stage(name: str, path: str, overrides: dict, output_dir: str | None, progress: bool) -> int:
+    """``rslib stage NAME PARAMS``: one stage in this process; torch.distributed is torn down afterwards."""
+    import importlib
+
+    import torch.distributed
+
+    if study.is_study(Path(path)):
+        raise params.ParamsError(f"{path} is a study; write one experiment's parameters with "
+                                 f"`rslib resolve {path} NAME > NAME.yaml` and pass that file")
+    experiment = params.load(path, **overrides)
+    module, function = _STAGE_FUNCTIONS[name]
+    getattr(importlib.import_module(module), function)(experiment, output_dir, progress=progress)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return EXIT_OK
+
+
+def _import_checkpoint(args: argparse.Namespace) -> int:
+    """``rslib import-checkpoint SRC DST ...``: convert, then say what was written."""
+    try:
+        path = import_checkpoint(args.src, args.dst, args.source, args.arch, args.dataset, args.input_layer)
+    except (models.CheckpointError, FileNotFoundError) as err:
+        print(f"rslib: error: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    ckpt = models.load_checkpoint(path)
+    info = ckpt["extra"]["imported_from"]
+    print(f"wrote {path}: rslib {ckpt['arch']} for {ckpt['dataset']} from {info['source']} "
+          f"({info['original_arch']}; input layer: {info['input_layer']}; sha256 {info['sha256'][:12]})")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns 0 on success, 1 when a stage failed, 2 for invalid parameters."""
     args = _parser().parse_args(argv)
+    if args.command == "import-checkpoint":
+        return _import_checkpoint(args)
     try:
         overrides = dict(params.parse_override(o) for o in args.overrides)
         if args.command == "resolve":
             print(_resolve(args.params, args.experiment, overrides), end="")
             return EXIT_OK
+        if args.command == "stage":
+            return _run_stage(args.stage, args.params, overrides, args.output_dir, not args.no_progress)
         only = _only(args.only)
         if study.is_study(Path(args.params)):
             return _run_study(args, overrides, only)
@@ -155,9 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "validate":
             exp = params.load(args.params, **overrides)
             planned = plan(exp, only, False, args.output_root, args.notebooks_dir)
-            print(format_plan(exp, planned, experiment_dir(exp, args.output_root)))
+            print(format_plan(exp, planned, layout.experiment_dir(exp, args.output_root)))
             return EXIT_OK
-        report = run(
+        report = run_file(
             args.params, only=only, overrides=overrides, force=args.force,
             output_root=args.output_root, notebooks_dir=args.notebooks_dir, progress=sys.stderr.isatty(),
         )

@@ -20,10 +20,8 @@ This module holds only the objective and the step logic (no data loading, no tra
   without full Jacobians (see "Penalty normalization" below).
 * :func:`teacher_outputs` / :func:`heat_step_loss` -- one step's objective and its logged parts.
 * :func:`frozen_copy` / :func:`next_student` -- teacher freezing and student re-init / warm start.
-* :func:`monte_carlo_average` -- Monte-Carlo ``E[model(x + sigma z)]`` (the target the averaged model
-  approximates; used in evaluation).
-* :func:`input_gradient_norm` -- ``||grad_x`` top-class logit ``||_2`` per input (drops after
-  smoothing).
+
+The Gaussian average the averaged model approximates is estimated by ``rslib.certify.soft_average``.
 
 Penalty normalization
 ---------------------
@@ -51,8 +49,7 @@ runs in the model's current mode but restores every buffer afterwards, so it nev
 statistics. In train mode, batch statistics couple the examples, so ``g`` contains small ``O(1/B)``
 cross-example terms: harmless, since ``d`` is only a direction held constant. Stochastic layers
 (dropout) make ``q`` noisy because each row gets its own mask; the reference trains without dropout.
-The evaluation helpers (:func:`teacher_outputs`, :func:`monte_carlo_average`,
-:func:`input_gradient_norm`) run the model in eval mode and restore each submodule's mode afterwards.
+:func:`teacher_outputs` runs the teacher in eval mode and restores each submodule's mode afterwards.
 
 Random numbers come from ``generator`` when given (a ``torch.Generator`` on the inputs' device),
 from torch's global generator otherwise.
@@ -80,9 +77,7 @@ __all__ = [
     "finite_difference_draws",
     "frozen_copy",
     "heat_step_loss",
-    "input_gradient_norm",
     "jacobian_penalty",
-    "monte_carlo_average",
     "next_student",
     "teacher_outputs",
 ]
@@ -443,81 +438,3 @@ def next_student(
     student.requires_grad_(True)
     student.train()
     return student
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def monte_carlo_average(
-    model: nn.Module,
-    x: Tensor,
-    sigma: float,
-    samples: int,
-    *,
-    batch_size: int,
-    generator: torch.Generator | None = None,
-    output: Output = "softmax",
-) -> Tensor:
-    """Monte-Carlo estimate of ``E_z[model(x + sigma z)]``, ``z ~ N(0, I)``, shape ``(B, K)``.
-
-    ``samples`` noise draws per input, evaluated in chunks of at most ``batch_size`` rows (a chunk
-    may mix inputs), in eval mode under ``torch.no_grad()``; averaged in float64 and returned in the
-    model's output dtype. ``output``: average the softmax probabilities (default) or the logits.
-    """
-    _check_output(output)
-    if not _is_real(sigma) or sigma < 0:
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
-    if not _is_int(samples) or samples < 1:
-        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
-    if not _is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"x must be a non-empty batch (B, ...), got shape {tuple(x.shape)}")
-    total = x.shape[0] * samples
-    acc: Tensor | None = None
-    out_dtype = x.dtype
-    with torch.no_grad(), eval_mode(model):
-        for start in range(0, total, batch_size):
-            rows = torch.arange(start, min(start + batch_size, total), device=x.device)
-            owner = rows // samples
-            xb = x[owner]
-            out = _as_output(model(xb + sigma * _randn(tuple(xb.shape), xb, generator)), output)
-            if acc is None:
-                out_dtype = out.dtype
-                acc = out.new_zeros((x.shape[0], out.shape[-1]), dtype=torch.float64)
-            acc.index_add_(0, owner, out.to(torch.float64))
-    assert acc is not None  # total >= 1, so the loop ran
-    return (acc / samples).to(out_dtype)
-
-
-def input_gradient_norm(
-    model: nn.Module,
-    x: Tensor,
-    reduce: Literal["mean", "max", "none"] = "mean",
-    *,
-    output: Output = "logits",
-) -> Tensor:
-    """``||grad_x f_c(x)||_2`` per input, where ``c = argmax`` of the logits at ``x`` (held fixed).
-
-    ``f_c`` is the top-class **logit** (default) or, with ``output="softmax"``, the top-class
-    softmax probability (the quantity behind the L-bound). Evaluated in eval mode; parameters'
-    ``.grad`` are untouched. ``reduce``: ``"mean"`` or ``"max"`` over the batch (a scalar), or
-    ``"none"`` (shape ``(B,)``).
-    """
-    _check_output(output)
-    if reduce not in ("mean", "max", "none"):
-        raise ValueError(f"reduce must be 'mean', 'max' or 'none', got {reduce!r}")
-    with torch.enable_grad(), eval_mode(model):
-        xg = x.detach().clone().requires_grad_(True)
-        logits = model(xg)
-        top = logits.argmax(dim=-1, keepdim=True)
-        values = _as_output(logits, output).gather(-1, top).sum()
-        (g,) = torch.autograd.grad(values, xg, allow_unused=True)
-    if g is None:
-        g = torch.zeros_like(xg)
-    norms = g.detach().flatten(start_dim=1).norm(dim=-1)
-    if reduce == "mean":
-        return norms.mean()
-    return norms.max() if reduce == "max" else norms

@@ -1,4 +1,10 @@
-"""HeatSmoothing's per-input "test statistics": softmax margins, gradient norms and the L-bound.
+"""The L-bound of Gaussian-averaged models (HeatSmoothing): its one formula, the deterministic
+certificate of an averaged model, and the per-input "test statistics".
+
+:func:`lbound_radius` is ``R = sigma * sqrt(pi/2) * margin`` of softmax outputs. Two tables use it:
+:func:`lbound_rows` (the certify stage's ``lbound_certify.csv``: one clean forward per batch, the
+one-pass classification of an averaged model, timed) and :func:`test_statistics` (the attack stage's
+``lbound.csv``, with margin-gradient norms, for base, averaged or Monte-Carlo smoothed models).
 
 For a classifier with softmax outputs ``p(x)`` (a deterministic averaged model, a base model, or a
 Monte-Carlo smoothed model whose ``p`` is the mean softmax over ``R`` noise draws),
@@ -27,23 +33,86 @@ Monte-Carlo smoothed model whose ``p`` is the mean softmax over ``R`` noise draw
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from rslib.certify import smoothed
 from rslib.models import eval_mode
 from rslib.noises import Noise
 
-__all__ = ["COLUMNS", "test_statistics"]
+__all__ = ["COLUMNS", "LBOUND_COLUMNS", "DeterministicResult", "deterministic_certify", "lbound_radius",
+           "lbound_rows", "test_statistics"]
 
 COLUMNS = ["idx", "label", "prediction", "rank", "correct_top1", "correct_topk", "prob_top1", "margin_top1",
            "margin_topk", "label_margin", "grad_l2", "grad_l1", "logit_margin", "logit_grad_l2",
            "logit_grad_l1", "first_order_l2", "first_order_linf", "lbound", "lbound_topk", "sigma",
            "topk", "draws"]
 _DISCRETE = ("prediction", "rank", "correct_top1", "correct_topk")
+#: Columns of :func:`lbound_rows` (``radius`` is the approximate l2 L-bound).
+LBOUND_COLUMNS = ["idx", "label", "prediction", "margin", "radius", "correct", "seconds", "norm", "approximate"]
+
+
+def lbound_radius(margin, sigma: float):
+    """HeatSmoothing's APPROXIMATE l2 radius ``sigma * sqrt(pi/2) * margin`` (``margin``: softmax margin,
+    a float, array or Series). It holds for an exact Gaussian average at ``sigma`` of a classifier with
+    outputs in [0, 1], whose margin is then ``sqrt(2/pi) / sigma``-Lipschitz; a trained averaged network
+    only approximates one."""
+    return sigma * math.sqrt(math.pi / 2) * margin
+
+
+@dataclass
+class DeterministicResult:
+    """One-pass classification of an averaged model with its approximate L-bound radius."""
+
+    prediction: np.ndarray
+    topk_indices: np.ndarray
+    margin: np.ndarray
+    radius: np.ndarray
+    seconds: np.ndarray
+
+    def correct(self, labels: np.ndarray) -> np.ndarray:
+        """Whether each label is in the top-k set (top-1 when k = 1)."""
+        return (self.topk_indices == np.asarray(labels)[:, None]).any(1)
+
+
+@torch.inference_mode()
+def deterministic_certify(model: nn.Module, x: torch.Tensor, sigma: float, topk: int = 1) -> DeterministicResult:
+    """HeatSmoothing's L-bound: ``R = sigma * sqrt(pi/2) * margin`` of the softmax outputs.
+
+    APPROXIMATE: it holds for an exact Gaussian average with outputs in [0, 1], which a trained
+    averaged network only approximates. ``margin`` is ``p_(k) - p_(k+1)`` (top-1: top minus runner-up).
+    For a rigorous certificate, smooth the same model with ``rslib.certify.Smooth`` and Gaussian noise
+    at ``sigma``.
+    """
+    tic = time.perf_counter()
+    probs = torch.softmax(model.eval()(x), dim=1)
+    ordered = probs.topk(topk + 1, dim=1)
+    margin = (ordered.values[:, topk - 1] - ordered.values[:, topk]).cpu().numpy()
+    seconds = (time.perf_counter() - tic) / len(x)
+    indices = ordered.indices.cpu().numpy()
+    return DeterministicResult(prediction=indices[:, 0], topk_indices=indices[:, :topk], margin=margin,
+                               radius=lbound_radius(margin, sigma), seconds=np.full(len(x), seconds))
+
+
+def lbound_rows(model: nn.Module, x: Tensor, y: Tensor, indices: Sequence[int], sigma: float, topk: int,
+                warm_up: bool = False) -> pd.DataFrame:
+    """The L-bound table (:data:`LBOUND_COLUMNS`) of one batch: one clean forward, ``seconds`` per image.
+
+    ``warm_up``: run one untimed pass first (the first call of a process pays one-off costs).
+    """
+    if warm_up:
+        deterministic_certify(model, x, sigma, topk)
+    result = deterministic_certify(model, x, sigma, topk)
+    labels = y.cpu().numpy()
+    return pd.DataFrame({"idx": list(indices), "label": labels, "prediction": result.prediction,
+                         "margin": result.margin, "radius": result.radius, "correct": result.correct(labels),
+                         "seconds": result.seconds, "norm": "l2", "approximate": True})[LBOUND_COLUMNS]
 
 
 def _log_probs(model: nn.Module, x: Tensor, noise: Noise | None, draws: int,
@@ -51,8 +120,6 @@ def _log_probs(model: nn.Module, x: Tensor, noise: Noise | None, draws: int,
     """log p(x): log-softmax of the model, or log of the mean softmax over ``draws`` noise draws."""
     if noise is None:
         return torch.log_softmax(model(x), dim=-1)
-    from rslib.attacks import smoothed
-
     return smoothed(model, noise, draws, fresh=True, generator=generator)(x)
 
 
@@ -171,9 +238,8 @@ def test_statistics(model: nn.Module, x: Tensor, y: Tensor | Sequence[int] | Non
     with np.errstate(divide="ignore", invalid="ignore"):
         frame["first_order_l2"] = np.where(frame["grad_l2"] > 0, frame["margin_top1"] / frame["grad_l2"], np.inf)
         frame["first_order_linf"] = np.where(frame["grad_l1"] > 0, frame["margin_top1"] / frame["grad_l1"], np.inf)
-    scale = sigma * math.sqrt(math.pi / 2)
-    frame["lbound"] = scale * frame["margin_top1"]
-    frame["lbound_topk"] = scale * frame["margin_topk"]
+    frame["lbound"] = lbound_radius(frame["margin_top1"], sigma)
+    frame["lbound_topk"] = lbound_radius(frame["margin_topk"], sigma)
     frame["sigma"] = float(sigma)
     frame["topk"] = topk
     frame["draws"] = draws

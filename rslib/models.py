@@ -37,13 +37,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import rslib
+from rslib.data import DATASET_SHAPES, DATASETS
 from rslib.io import atomic_writer
 
 __all__ = [
     "ARCHITECTURES",
     "CHECKPOINT_FORMAT_VERSION",
-    "DATASET_SHAPES",
-    "NORMALIZATION",
     "CheckpointError",
     "Normalize",
     "NormalizedModel",
@@ -51,6 +50,7 @@ __all__ = [
     "cifar_resnet",
     "count_parameters",
     "heat_resnet",
+    "import_checkpoint",
     "lenet",
     "load",
     "load_checkpoint",
@@ -61,29 +61,6 @@ __all__ = [
     "unwrap_model",
     "wide_resnet",
 ]
-
-# --------------------------------------------------------------------------------------------
-# Datasets: input shape, number of classes, normalization constants
-# --------------------------------------------------------------------------------------------
-
-#: dataset -> ((channels, height, width), number of classes)
-DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
-    "digits": ((1, 8, 8), 10),
-    "mnist": ((1, 28, 28), 10),
-    "cifar10": ((3, 32, 32), 10),
-    "imagenet": ((3, 224, 224), 1000),
-}
-
-#: dataset -> (per-channel mean, per-channel std) of the training images in [0, 1].
-#: digits: all 1797 scikit-learn digits divided by 16 (as rslib.data does): pixel mean 0.30526,
-#: pixel std 0.37605 (population std over every pixel of every image). MNIST: the usual
-#: 0.1307 / 0.3081. CIFAR-10: Cohen et al.'s constants. ImageNet: torchvision's constants.
-NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "digits": ((0.30526,), (0.37605,)),
-    "mnist": ((0.1307,), (0.3081,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
 
 
 class Normalize(nn.Module):
@@ -455,7 +432,6 @@ def resnet50(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 
 _SMALL = ("digits", "mnist", "cifar10")
-_ALL = ("digits", "mnist", "cifar10", "imagenet")
 
 # name -> (constructor(num_classes, in_channels, input_size), datasets it supports)
 _Ctor = Callable[[int, int, int], nn.Module]
@@ -471,7 +447,6 @@ ARCHITECTURES: dict[str, tuple[_Ctor, tuple[str, ...]]] = {
 _CIFAR_RESNET_RE = re.compile(r"cifar_resnet(\d+)")
 _WRN_RE = re.compile(r"wrn(\d+)_(\d+)")
 _FAMILIES = "cifar_resnet<depth> (depth = 6n + 2), wrn<depth>_<widen> (depth = 6n + 4)"
-assert set(_ALL) == set(DATASET_SHAPES) == set(NORMALIZATION)
 
 
 def _resolve_arch(arch: str) -> tuple[_Ctor, tuple[str, ...]]:
@@ -516,7 +491,7 @@ def build_model(arch: str, dataset: str, num_classes: int | None = None) -> Norm
         raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}")
     channels, size = shape[0], shape[1]
     net = ctor(num_classes, channels, size)
-    mean, std = NORMALIZATION[dataset]
+    mean, std = DATASETS[dataset].mean, DATASETS[dataset].std
     return NormalizedModel(
         Normalize(mean, std),
         net,
@@ -703,6 +678,12 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
         )
     missing = [k for k in _REQUIRED_KEYS if k not in ckpt]
     if missing:
+        # lazy: rslib.checkpoint_import imports this module
+        from rslib.checkpoint_import import foreign_checkpoint_hint
+
+        hint = foreign_checkpoint_hint(path, ckpt)
+        if hint is not None:
+            raise CheckpointError(hint)
         raise CheckpointError(
             f"{path} is not an rslib checkpoint: missing {', '.join(missing)}; {_fix_hint(path)}"
         )
@@ -731,6 +712,18 @@ def _list_keys(keys: list[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def state_dict_problems(expected: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> list[str]:
+    """Why ``state`` cannot load strictly into a model whose state dict is ``expected`` (empty: it can):
+    missing keys, unexpected keys, shape mismatches (given vs model), each with a sample of the keys."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    labels = ("missing keys", "unexpected keys", "shape mismatches (given vs model)")
+    return [f"{label}: {_list_keys(keys)}" for label, keys in zip(labels, (missing, unexpected, mismatched),
+                                                                  strict=True) if keys]
+
+
 def load(checkpoint_path: str | os.PathLike[str], device: Any = "cpu") -> NormalizedModel:
     """Rebuild the model a checkpoint describes, load its weights strictly, eval mode, on device.
 
@@ -745,27 +738,25 @@ def load(checkpoint_path: str | os.PathLike[str], device: Any = "cpu") -> Normal
         raise CheckpointError(f"{path}: cannot rebuild the model it describes: {e}") from e
     state = strip_state_dict_prefixes(ckpt["state_dict"])
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_list_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_list_keys(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches (checkpoint vs model): {_list_keys(mismatched)}")
+    parts = state_dict_problems(expected, state)
+    if parts:
         raise CheckpointError(
             f"{path} does not match architecture {ckpt['arch']!r} on {ckpt['dataset']!r} "
             f"with {ckpt['num_classes']} classes: {'; '.join(parts)}. {_fix_hint(path)}"
         )
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def import_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], source: str | None = None,
+                      arch: str | None = None, dataset: str | None = None,
+                      input_layer: str | None = None) -> Path:
+    """Convert a released checkpoint (Cohen et al., SmoothAdv, rs4a, HeatSmoothing) into an rslib
+    checkpoint at ``dst``; see :mod:`rslib.checkpoint_import` (``rslib import-checkpoint`` on the command line)."""
+    # lazy: rslib.checkpoint_import imports this module
+    from rslib.checkpoint_import import import_checkpoint as convert
+
+    return convert(src, dst, source, arch, dataset, input_layer)
 
 
 @contextmanager

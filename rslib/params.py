@@ -16,7 +16,7 @@ import math
 import os
 import re
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -59,19 +59,12 @@ def param(
 
 def noise_problem(spec: Mapping[str, Any], dim: int, sigma: float) -> str | None:
     """Why ``spec`` (``{name: ..., **params}``) is not a valid noise at this dim and sigma, or None."""
-    from rslib.noises import make_noise
+    from rslib.noises import noise_from_params
 
-    params = dict(spec)
-    name = params.pop("name", None)
-    if not isinstance(name, str):
-        return "needs a 'name', e.g. {name: Gaussian}"
-    reserved = sorted(set(params) & {"dim", "sigma", "device"})
-    if reserved:
-        return f"must not set {', '.join(reserved)} (it comes from the section)"
     try:
-        make_noise(name, dim=dim, sigma=sigma, **params)
+        noise_from_params(spec, dim, sigma)
     except (ValueError, TypeError) as err:
-        return f"is not a valid noise ({name}): {err}"
+        return f"is not a valid noise ({spec.get('name')}): {err}"
     return None
 
 
@@ -123,19 +116,22 @@ class TutorialParams:
                     yield f"{norm}_noises[{i}]", problem
 
 
-DATASET_NAMES = ("digits", "mnist", "cifar10", "imagenet")
-
-
 @dataclass(frozen=True)
 class DataParams:
     """Which dataset, where it lives and how it is batched."""
 
-    dataset: Literal["digits", "mnist", "cifar10", "imagenet"] = param("digits")
+    dataset: str = param("digits", expect="a dataset name from rslib.data.DATASETS (e.g. digits, mnist)")
     data_dir: str | None = param(None)
     download: bool = param(False)
     batch_size: int = param(128, ge=1)
     eval_batch_size: int = param(512, ge=1)
     num_workers: int = param(0, ge=0)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        from rslib.data import DATASETS
+
+        if self.dataset not in DATASETS:
+            yield "dataset", f"must be one of {', '.join(repr(name) for name in DATASETS)}, got {self.dataset!r}"
 
 
 @dataclass(frozen=True)
@@ -215,7 +211,7 @@ class CertifyParams:
 
 @dataclass(frozen=True)
 class AttackParams:
-    """Adversarial attacks (DDN, PGD) on the test subset; see ``rslib.attack_run``.
+    """Adversarial attacks (DDN, PGD) on the test subset; see ``rslib.attack_stage``.
 
     ``target``: 'base' attacks the model as a plain classifier (a heat-averaged model is one: it is
     deterministic); 'smoothed' attacks the randomized-smoothing classifier: the loss is taken on
@@ -402,14 +398,23 @@ def is_checkpoint_path(reference: str) -> bool:
     return reference.endswith(".pt") or os.sep in reference or "/" in reference or Path(reference).is_file()
 
 
+def read_checkpoints(exp: Experiment) -> Iterator[tuple[str, str, str]]:
+    """(section, key, reference) of every checkpoint the experiment's stages read: the base of a
+    heat training, and ``certify.checkpoint`` / ``attack.checkpoint`` when those stages run."""
+    for section, key in CHECKPOINT_FIELDS:
+        values = exp.sections.get(section)
+        reference = getattr(values, key) if values is not None else None
+        if reference is None or section not in exp.stages or (section == "train" and values.mode != "heat"):
+            continue
+        yield section, key, reference
+
+
 def checkpoint_files_stamp(exp: Experiment) -> str:
     """Path, size and modification time of every checkpoint FILE the experiment's stages read
     ("" when none), so that replacing such a file makes the stages that read it stale."""
     stamps = []
-    for section, key in CHECKPOINT_FIELDS:
-        values = exp.sections.get(section)
-        reference = getattr(values, key) if values is not None else None
-        if not reference or not is_checkpoint_path(reference) or section not in exp.stages:
+    for section, key, reference in read_checkpoints(exp):
+        if not is_checkpoint_path(reference):
             continue
         path = Path(reference).resolve()
         stat = path.stat() if path.is_file() else None
@@ -660,29 +665,3 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: the file must be a mapping of keys to values, got {raw!r}")
     return raw
-
-
-def stage_main(argv: list[str] | None, *, prog: str, description: str, example: str,
-               run_stage: Callable[..., Any]) -> None:
-    """The ``python -m rslib.<stage> PARAMS [-p key=value ...] [--output-dir D] [--no-progress]`` entry
-    point shared by training, certification and attacks; under ``torchrun`` every rank runs it."""
-    import argparse
-
-    import torch.distributed
-
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("params", help="experiment YAML file (for a study: rslib resolve STUDY NAME > FILE)")
-    parser.add_argument("-p", "--param", action="append", default=[], help=f"override, e.g. {example}")
-    parser.add_argument("--output-dir", default=None, help="default: outputs/<experiment>")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    try:
-        if "study" in read_yaml_mapping(Path(args.params)):
-            raise ParamsError(f"{args.params} is a study; write one experiment's parameters with "
-                              f"`rslib resolve {args.params} NAME > NAME.yaml` and pass that file")
-        experiment = load(args.params, **dict(parse_override(item) for item in args.param))
-    except ParamsError as err:
-        parser.error(str(err))
-    run_stage(experiment, args.output_dir, progress=not args.no_progress)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()

@@ -22,7 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from rslib.io import atomic_write_bytes
-from rslib.noises.curves import noise_from, spec_label
+from rslib.noises import noise_from_params
+from rslib.noises.curves import spec_label
 
 FIGURE_FORMATS = ("png", "pdf")
 PNG_DPI = 150
@@ -190,7 +191,7 @@ def plot_noise_samples(
             show(axes[row, 0], image)
             axes[row, 0].set_title("clean", fontsize="small")
         for col, sigma in enumerate(sigmas):
-            noise = noise_from(spec, image.numel(), float(sigma))
+            noise = noise_from_params(spec, image.numel(), float(sigma))
             noisy = noise.sample(image.unsqueeze(0), generator=generator)[0]
             ax = axes[row, col + offset]
             show(ax, noisy)
@@ -222,7 +223,7 @@ def plot_training_curves(metrics: pd.DataFrame) -> Figure:
 
 
 def plot_certified_accuracy(curves: pd.DataFrame, title: str | None = None) -> Figure:
-    """Certified accuracy versus radius, one panel per norm, from ``certify_run.accuracy_curves`` rows.
+    """Certified accuracy versus radius, one panel per norm, from ``metrics.accuracy_curves`` rows.
 
     ``curves`` has columns method, norm, radius, certified_accuracy (an exact step function: between
     two points the accuracy is that of the right one, drawn 'steps-pre') and optionally source (the
@@ -253,7 +254,7 @@ def plot_certified_accuracy(curves: pd.DataFrame, title: str | None = None) -> F
 
 
 def plot_attack_cdf(cdf: pd.DataFrame, title: str | None = None) -> Figure:
-    """Empirical CDF of adversarial distances, one panel per norm, from ``attack_run.distance_cdf`` rows.
+    """Empirical CDF of adversarial distances, one panel per norm, from ``metrics.distance_cdf`` rows.
 
     ``cdf`` has columns attack, norm, distance, fraction (the fraction of ALL inputs attacked
     successfully at a distance <= ``distance``; failures never count, so each curve ends at its

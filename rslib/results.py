@@ -2,7 +2,7 @@
 
 A study folder (written by ``rslib run <study yaml>``) holds ``study.json`` and one experiment
 folder per experiment. ``load_study`` reads it; the functions below read each experiment's
-``results/*.csv`` (the schemas of ``rslib.certify_run`` and ``rslib.attack_run``) for one report
+``results/*.csv`` (the schemas of ``rslib.certify_stage`` and ``rslib.attack_stage``) for one report
 group and turn them into long tables that ``rslib.plots`` draws and ``write_tables`` saves under
 ``<study_dir>/results/<table>_<group>.csv``.
 
@@ -10,7 +10,7 @@ Conventions:
 
 - certified accuracy at radius r is the fraction of ALL evaluated inputs that are correct with a
   radius >= r (abstains count as failures; ``rslib.certify.certified_accuracy``). Curves are exact
-  step functions (``certify_run.accuracy_curves``): between two points the value is that of the
+  step functions (``metrics.accuracy_curves``): between two points the value is that of the
   right one;
 - an attack CDF at distance r is the percent of ALL attacked inputs whose attack succeeded at a
   distance <= r (failures, recorded as inf, are never counted; inputs misclassified without any
@@ -34,15 +34,15 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from rslib import attack_run, certify_run, plots
-from rslib.certify import certified_accuracy
+from rslib import attack_stage, certify_stage, layout, metrics, plots
 from rslib.io import atomic_write_text
+from rslib.lbound import LBOUND_COLUMNS
+from rslib.metrics import certified_accuracy
+from rslib.noises import NORM_LABELS
 from rslib.noises.curves import spec_label
 from rslib.study import DEFAULT_RADII
 
-STUDY_FILE = "study.json"
-RESULTS_DIR = "results"
-FIGURES_DIR = "figures"
+STUDY_FILE = layout.STUDY_FILE
 #: Columns of ``group_curves``.
 CURVE_COLUMNS = ["experiment", "label", "noise", "sigma", "train_mode", "family", "method", "norm", "source",
                  "radius", "certified_accuracy"]
@@ -77,7 +77,7 @@ class StudyExperiment:
     @property
     def results(self) -> Path:
         """``<experiment dir>/results``."""
-        return self.dir / RESULTS_DIR
+        return layout.results_dir(self.dir)
 
     @property
     def noise(self) -> str:
@@ -106,8 +106,7 @@ class StudyExperiment:
         names = self.section("attack").get("attacks")
         if names:
             return list(names)
-        return [p.stem.removeprefix("attack_") for p in sorted(self.results.glob("attack_*.csv"))
-                if p.name != attack_run.CDF]
+        return attack_stage.attack_names_present(self.results)
 
     def describe(self) -> dict[str, Any]:
         """The columns that identify this experiment in every study table."""
@@ -167,12 +166,12 @@ class Study:
     @property
     def results_dir(self) -> Path:
         """``<study_dir>/results``: where the study tables go."""
-        return self.dir / RESULTS_DIR
+        return layout.results_dir(self.dir)
 
     @property
     def figures_dir(self) -> Path:
         """``<study_dir>/figures``: where the study figures go."""
-        return self.dir / FIGURES_DIR
+        return self.dir / layout.FIGURES
 
 
 def _need(value: Any, kind: type | tuple[type, ...], where: str, path: Path) -> Any:
@@ -201,9 +200,9 @@ def _parse_group(entry: Any, i: int, path: Path) -> Group:
     members = _need(entry.get("experiments", []), list, f"{where}.experiments", path)
     radii = _need(entry.get("radii") or DEFAULT_RADII, dict, f"{where}.radii", path)
     for norm, values in radii.items():
-        if norm not in certify_run.NORM_LABELS:
+        if norm not in NORM_LABELS:
             raise StudyError(f"{path}: {where}.radii has norm {norm!r}; expected one of "
-                             f"{', '.join(certify_run.NORM_LABELS)}")
+                             f"{', '.join(NORM_LABELS)}")
         _need(values, list | tuple, f"{where}.radii.{norm}", path)
     return Group(name, str(entry.get("title") or name), tuple(str(m) for m in members),
                  {norm: tuple(float(r) for r in values) for norm, values in radii.items()})
@@ -278,7 +277,7 @@ def certify_tables(study: Study, group: Group, log: Log = print) -> dict[str, pd
     """{experiment name: its ``results/certify.csv``} for the group's experiments that have one."""
     tables = {}
     for exp in study.members(group, log):
-        table = _read_result(exp, group, exp.results / certify_run.RESULT, "certify", certify_run.read_table, log,
+        table = _read_result(exp, group, layout.table_paths(exp.results, layout.CERTIFY_TABLE)[0], "certify", certify_stage.read_table, log,
                              required=_CERTIFY_REQUIRED)
         if table is not None:
             tables[exp.name] = table
@@ -294,9 +293,9 @@ def lbound_certify_tables(study: Study, group: Group, names: Iterable[str],
         exp = study.experiment(name)
         if not exp.section("certify").get("deterministic"):
             continue
-        path = exp.results / certify_run.LBOUND
+        path = exp.results / layout.LBOUND_CERTIFY
         table = _read_result(exp, group, path, "certify", pd.read_csv, log, skipped="no L-bound curve for",
-                             required=certify_run.LBOUND_COLUMNS)
+                             required=LBOUND_COLUMNS)
         if table is not None:
             out[name] = table
     return out
@@ -311,8 +310,8 @@ def attack_tables(study: Study, group: Group, log: Log = print) -> dict[tuple[st
             log(f"note: group {group.name!r}: skipping {exp.name!r} ({exp.label}) in attack plots: no attack "
                 f"results in {exp.results} ({_why_missing(exp, 'attack')})")
         for attack in names:
-            path = attack_run.result_path(exp.results, attack)
-            table = _read_result(exp, group, path, "attack", attack_run.read_table, log)
+            path = attack_stage.result_path(exp.results, attack)
+            table = _read_result(exp, group, path, "attack", attack_stage.read_table, log)
             if table is not None:
                 tables[exp.name, attack] = table
     return tables
@@ -352,63 +351,25 @@ def sigma_sweeps(study: Study, names: Iterable[str]) -> dict[str, list[str]]:
     return {f: ns for f, ns in members.items() if len({study.experiment(n).sigma for n in ns}) >= 2}
 
 
-def group_curves(study: Study, tables: Mapping[str, pd.DataFrame], norms: Sequence[str] = certify_run.NORM_LABELS,
+def group_curves(study: Study, tables: Mapping[str, pd.DataFrame], norms: Sequence[str] = NORM_LABELS,
                  lbounds: Mapping[str, pd.DataFrame] | None = None) -> pd.DataFrame:
     """Certified accuracy vs radius (``CURVE_COLUMNS``), per experiment, method and norm.
 
-    Monte-Carlo curves from ``certify_run.accuracy_curves``; for experiments in ``lbounds`` also the
-    approximate l2 L-bound curve (method ``certify_run.LBOUND_METHOD``) when ``'l2'`` is in ``norms``.
+    Monte-Carlo curves from ``metrics.accuracy_curves``; for experiments in ``lbounds`` also the
+    approximate l2 L-bound curve (method ``metrics.LBOUND_METHOD``) when ``'l2'`` is in ``norms``.
     """
     family = families(study, tables)
     parts = []
     for name, table in tables.items():
         exp = study.experiment(name)
-        parts.append(_tag(certify_run.accuracy_curves(table, norms), exp, family=family[name]))
+        parts.append(_tag(metrics.accuracy_curves(table, norms), exp, family=family[name]))
         if lbounds is not None and name in lbounds and "l2" in norms:
-            lbound = certify_run.lbound_as_table(lbounds[name])
-            curve = certify_run.accuracy_curves(lbound, ["l2"], certify_run.LBOUND_METHOD)
+            lbound = metrics.lbound_as_table(lbounds[name])
+            curve = metrics.accuracy_curves(lbound, ["l2"], metrics.LBOUND_METHOD)
             parts.append(_tag(curve, exp, family=family[name]))
     if not parts:
         return pd.DataFrame(columns=CURVE_COLUMNS)
     return pd.concat(parts, ignore_index=True)[CURVE_COLUMNS]
-
-
-def step_value(radius: np.ndarray, accuracy: np.ndarray, at: np.ndarray | Sequence[float],
-               beyond: float = 0.0) -> np.ndarray:
-    """Values at ``at`` of an ``accuracy_curves`` step function given by its points.
-
-    The curve is left-continuous: at r it equals the value of the first point >= r, and ``beyond``
-    after the last point (which lies past the largest certified radius, where the certified accuracy
-    is 0). Exact.
-    """
-    radius, accuracy = np.asarray(radius, dtype=float), np.asarray(accuracy, dtype=float)
-    order = np.argsort(radius, kind="stable")
-    radius, accuracy = radius[order], accuracy[order]
-    pos = np.searchsorted(radius, np.asarray(at, dtype=float), side="left")
-    return np.where(pos < len(radius), accuracy[np.minimum(pos, len(radius) - 1)], beyond)
-
-
-def envelope(curves: pd.DataFrame) -> pd.DataFrame:
-    """Per family and norm, the best Monte-Carlo certified accuracy over sigma at every radius.
-
-    Every curve of the family is evaluated (exactly, as a step function) on the union of the
-    family's radius points, so the envelope is itself an exact step function (draw 'steps-pre').
-    Columns family, noise, norm, radius, certified_accuracy, sigma and experiment (the curve that
-    achieves the maximum; on ties the smallest sigma).
-    """
-    columns = ["family", "noise", "norm", "radius", "certified_accuracy", "sigma", "experiment"]
-    monte_carlo = curves[curves["method"] == certify_run.MONTE_CARLO]
-    parts = []
-    for (family, norm), part in monte_carlo.groupby(["family", "norm"], sort=False):
-        grid = np.unique(part["radius"].to_numpy(dtype=float))
-        lines = sorted(part.groupby("experiment", sort=False), key=lambda item: item[1]["sigma"].iloc[0])
-        values = np.vstack([step_value(line["radius"], line["certified_accuracy"], grid) for _, line in lines])
-        best = values.argmax(axis=0)
-        parts.append(pd.DataFrame({
-            "family": family, "noise": part["noise"].iloc[0], "norm": norm, "radius": grid,
-            "certified_accuracy": values[best, np.arange(len(grid))],
-            "sigma": [lines[b][1]["sigma"].iloc[0] for b in best], "experiment": [lines[b][0] for b in best]}))
-    return pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(columns=columns)
 
 
 def _units(study: Study, names: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -468,16 +429,16 @@ def accuracy_at_radii_wide(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def acr_table(study: Study, tables: Mapping[str, pd.DataFrame],
-              norms: Sequence[str] = certify_run.NORM_LABELS) -> pd.DataFrame:
-    """Per experiment and norm: ``certify_run.summary`` (accuracy at r = 0, abstain rate, ACR, radii)."""
-    parts = [_tag(certify_run.summary(table, norms).reset_index(), study.experiment(name))
+              norms: Sequence[str] = NORM_LABELS) -> pd.DataFrame:
+    """Per experiment and norm: ``metrics.certify_summary`` (accuracy at r = 0, abstain rate, ACR, radii)."""
+    parts = [_tag(metrics.certify_summary(table, norms).reset_index(), study.experiment(name))
              for name, table in tables.items()]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
 def _device(exp: StudyExperiment) -> str | None:
     try:
-        meta = json.loads((exp.results / certify_run.METADATA).read_text(encoding="utf-8"))
+        meta = json.loads(layout.table_paths(exp.results, layout.CERTIFY_TABLE)[1].read_text(encoding="utf-8"))
         return f"{meta['device']} ({meta['provenance']['device']})"
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -493,7 +454,7 @@ def timing_table(study: Study, tables: Mapping[str, pd.DataFrame],
     for name, table in tables.items():
         exp = study.experiment(name)
         n0, n = int(table["n0"].iloc[0]), int(table["n"].iloc[0])
-        t = certify_run.timing(table, n0, n)
+        t = metrics.certify_timing(table, n0, n)
         row = {**exp.describe(), "images": len(table), "n0": n0, "n": n,
                "mc_prediction_s_per_image": t["seconds_predict_per_image"],
                "mc_estimation_s_per_image": t["seconds_certify_per_image"],
@@ -515,16 +476,16 @@ def timing_table(study: Study, tables: Mapping[str, pd.DataFrame],
 
 
 def attack_cdf(study: Study, tables: Mapping[tuple[str, str], pd.DataFrame], norm: str = "l2") -> pd.DataFrame:
-    """Per experiment and attack, the ECDF of the adversarial distance (``attack_run.distance_cdf``).
+    """Per experiment and attack, the ECDF of the adversarial distance (``metrics.distance_cdf``).
 
     ``percent_attacked`` at ``distance`` r = 100 x the fraction of ALL attacked inputs whose attack
     succeeded at a distance <= r (failures never count; clean misclassifications count at 0).
     Right-continuous (draw 'steps-post'); every curve ends at the same plateau point.
     """
-    end = attack_run.cdf_end(tables.values(), norm)
+    end = metrics.cdf_end(tables.values(), norm)
     parts = []
     for name, attacks in _by_experiment(tables).items():
-        cdf = attack_run.distance_cdf(attacks, norm, end)
+        cdf = metrics.distance_cdf(attacks, norm, end)
         parts.append(_tag(cdf.assign(percent_attacked=100.0 * cdf["fraction"]), study.experiment(name)))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
@@ -547,7 +508,7 @@ def not_certified(study: Study, cert_tables: Mapping[str, pd.DataFrame],
         common = table["idx"].isin(set(attacked["idx"]))
         basis = "certified and attacked images" if common.any() else "all certified images (none attacked)"
         subset = table[common] if common.any() else table
-        curve = certify_run.accuracy_curves(subset, ["l2"])
+        curve = metrics.accuracy_curves(subset, ["l2"])
         curve = curve.assign(attack=attack, percent_not_certified=100.0 * (1.0 - curve["certified_accuracy"]),
                              images=len(subset), basis=basis)
         parts.append(_tag(curve.drop(columns=["method", "source"]), study.experiment(name)))
@@ -559,7 +520,7 @@ def _search_norm(exp: StudyExperiment, attack: str) -> str:
 
 
 def attack_summary(study: Study, tables: Mapping[tuple[str, str], pd.DataFrame]) -> pd.DataFrame:
-    """Per experiment and attack: ``attack_run.summary`` in l2 (images, success rate, medians, mean).
+    """Per experiment and attack: ``metrics.attack_summary`` in l2 (images, success rate, medians, mean).
 
     ``median_l2`` is over ALL inputs (failures are inf, so it is inf when more than half fail);
     ``median_l2_successful`` / ``mean_l2_successful`` over the successes only. ``target`` and
@@ -568,7 +529,7 @@ def attack_summary(study: Study, tables: Mapping[tuple[str, str], pd.DataFrame])
     parts = []
     for (name, attack), table in tables.items():
         exp = study.experiment(name)
-        stats = attack_run.summary({attack: table}, ["l2"]).reset_index()
+        stats = metrics.attack_summary({attack: table}, ["l2"]).reset_index()
         parts.append(_tag(stats, exp, target=exp.section("attack").get("target"),
                           search_norm=_search_norm(exp, attack)))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
@@ -578,7 +539,7 @@ def lbound_distribution(study: Study, group: Group, tables: Mapping[tuple[str, s
                         log: Log = print) -> pd.DataFrame:
     """Per experiment and image: the APPROXIMATE L-bound of ``results/lbound.csv`` and its correctness.
 
-    With ``attack_run.lbound_comparison``: ``attack_l2`` (smallest successful l2 distance of any
+    With ``metrics.lbound_comparison``: ``attack_l2`` (smallest successful l2 distance of any
     attack, inf if none) and ``lbound_exceeds_attack`` (correct input whose L-bound is larger than a
     successful perturbation). The class label is ``true_class``; ``sigma_lbound`` the sigma used.
     """
@@ -587,13 +548,13 @@ def lbound_distribution(study: Study, group: Group, tables: Mapping[tuple[str, s
     for exp in study.members(group, log=lambda _: None):
         if exp.name not in attacks:
             continue
-        lbound = _read_result(exp, group, exp.results / attack_run.LBOUND, "attack", pd.read_csv, log,
+        lbound = _read_result(exp, group, layout.table_paths(exp.results, layout.LBOUND_TABLE)[0], "attack", pd.read_csv, log,
                               skipped="no L-bound distribution for",
                               why="its attack stage did not finish the L-bound statistics",
                               required=("idx", "label", "correct_top1", "lbound", "sigma"))
         if lbound is None:
             continue
-        frame = attack_run.lbound_comparison(attacks.get(exp.name, {}), lbound)
+        frame = metrics.lbound_comparison(attacks.get(exp.name, {}), lbound)
         frame = frame.rename(columns={"label": "true_class"}).assign(sigma_lbound=lbound["sigma"].to_numpy())
         parts.append(_tag(frame, exp))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()

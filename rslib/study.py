@@ -41,14 +41,14 @@ from typing import Any
 
 import yaml
 
-from rslib import params, run
+from rslib import layout, params, runner
 from rslib.io import atomic_write_json, atomic_write_text, provenance
+from rslib.noises import NORM_LABELS
 from rslib.params import ParamsError
 
 PLOTS = ("cert_plots", "adv_plots")
 #: The experiment stage each plot notebook reads the results of.
 PLOT_INPUT = {"cert_plots": "certify", "adv_plots": "attack"}
-NORMS = ("l1", "l2", "linf")
 DEFAULT_RADII = {"l2": [0.0, 0.25, 0.5, 0.75, 1.0]}
 _TOP_KEYS = ("study", "description", "defaults", "experiments", "sweeps", "report", "plots")
 _SWEEP_KEYS = ("name", "label", "over", "base")
@@ -230,16 +230,9 @@ def _override_experiment(raw: dict[str, Any], overrides: Mapping[str, Any], wher
 
 
 def _dependencies(exp: params.Experiment, names: Sequence[str], where: str) -> tuple[str, ...]:
+    """The siblings whose checkpoints the experiment reads; an unknown non-path reference is an error."""
     deps = []
-    for section, key in params.CHECKPOINT_FIELDS:
-        values = getattr(exp, section)
-        reference = getattr(values, key) if values is not None else None
-        if section == "train" and (values is None or values.mode != "heat" or "train" not in exp.stages):
-            continue
-        if section != "train" and section not in exp.stages:
-            continue
-        if reference is None:
-            continue
+    for section, key, reference in params.read_checkpoints(exp):
         if reference in names:
             if reference == exp.experiment:
                 raise ParamsError(f"{where}: {section}.{key} names the experiment itself")
@@ -300,8 +293,8 @@ def _groups(raw: Any, names: Sequence[str], label: str) -> list[ReportGroup]:
         for norm, values in radii.items():
             ok = isinstance(values, list) and values and all(
                 isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in values)
-            if norm not in NORMS or not ok:
-                raise ParamsError(f"{where}.radii must map norms ({', '.join(NORMS)}) to non-empty lists of "
+            if norm not in NORM_LABELS or not ok:
+                raise ParamsError(f"{where}.radii must map norms ({', '.join(NORM_LABELS)}) to non-empty lists of "
                                   f"radii >= 0, got {norm!r}: {values!r}")
         groups.append(ReportGroup(name, str(item.get("title", name)), tuple(members),
                                   {k: [float(v) for v in vals] for k, vals in radii.items()}))
@@ -433,9 +426,9 @@ class StudyReport:
 
     study: str
     output_dir: Path
-    experiments: dict[str, run.RunReport | None] = field(default_factory=dict)
+    experiments: dict[str, runner.RunReport | None] = field(default_factory=dict)
     blocked: dict[str, str] = field(default_factory=dict)
-    plots: run.RunReport | None = None
+    plots: runner.RunReport | None = None
     plots_note: str = ""
 
     @property
@@ -447,7 +440,7 @@ class StudyReport:
 
 def study_dir(study: Study, output_root: str | os.PathLike[str] = "outputs") -> Path:
     """Absolute ``<output_root>/<study>``."""
-    return Path(output_root).resolve() / study.name
+    return layout.study_dir(study.name, output_root)
 
 
 def all_finished(study: Study, out: Path, notebooks_dir: str | os.PathLike[str] | None = None) -> bool:
@@ -455,7 +448,7 @@ def all_finished(study: Study, out: Path, notebooks_dir: str | os.PathLike[str] 
     return all(
         p.action == "skip"
         for e in study.experiments
-        for p in run.plan(e.experiment, None, False, out, notebooks_dir, study.salts[e.name])
+        for p in runner.plan(e.experiment, None, False, out, notebooks_dir, study.salts[e.name])
     )
 
 
@@ -464,17 +457,17 @@ def _plots_digest(study: Study, out: Path) -> str:
     results = {}
     for e in study.experiments:
         for stage in e.experiment.stages:
-            marker = run.read_marker(out / e.name, stage) or {}
+            marker = runner.read_marker(out / e.name, stage) or {}
             results[f"{e.name}:{stage}"] = [marker.get("digest"), marker.get("finished_at")]
     data = {"study": study.to_dict(), "results": results}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def plan_plots(study: Study, out: Path, force: bool = False,
-               notebooks_dir: str | os.PathLike[str] | None = None) -> list[run.PlannedStage]:
+               notebooks_dir: str | os.PathLike[str] | None = None) -> list[runner.PlannedStage]:
     """Run or skip each plot notebook of the study."""
     digest = _plots_digest(study, out)
-    return [run.plan_stage(name, run.stage_notebook(name, notebooks_dir), out, digest, force) for name in study.plots]
+    return [runner.plan_stage(name, runner.stage_notebook(name, notebooks_dir), out, digest, force) for name in study.plots]
 
 
 def _stage_filter(only: Sequence[str] | None, exp: params.Experiment) -> list[str] | None:
@@ -503,7 +496,7 @@ def format_plan(study: Study, out: Path, only: Sequence[str] | None = None, forc
         stages = _stage_filter(only, e.experiment)
         if stages == []:
             continue
-        planned = run.plan(e.experiment, stages, force, out, notebooks_dir, study.salts[e.name])
+        planned = runner.plan(e.experiment, stages, force, out, notebooks_dir, study.salts[e.name])
         extra = f" [shard {shard[e.name]}/{shards}]" if shards > 1 else ""
         needs = f" (needs {', '.join(e.depends_on)})" if e.depends_on else ""
         lines.append(f"  {e.name}{extra}{needs}: " + ", ".join(f"{p.name} {p.action}" for p in planned))
@@ -515,14 +508,14 @@ def format_plan(study: Study, out: Path, only: Sequence[str] | None = None, forc
 
 def _write_study_files(study: Study, out: Path) -> Path:
     """``study.yaml`` (the plot notebooks' parameters), ``study.json`` and ``provenance.json``."""
-    for sub in ("notebooks", "results", "figures"):
+    for sub in layout.SUBFOLDERS:
         (out / sub).mkdir(parents=True, exist_ok=True)
     resolved = study.to_dict()
     header = f"# Resolved study {study.source}, written by rslib run.\n"
-    params_file = out / "study.yaml"
+    params_file = out / layout.STUDY_PARAMS_FILE
     atomic_write_text(params_file, header + yaml.safe_dump(resolved, sort_keys=False))
-    atomic_write_json(out / "study.json", {**resolved, "provenance": provenance()})
-    atomic_write_json(out / "provenance.json", provenance())
+    atomic_write_json(out / layout.STUDY_FILE, {**resolved, "provenance": provenance()})
+    atomic_write_json(out / layout.PROVENANCE_FILE, provenance())
     return params_file
 
 
@@ -561,7 +554,7 @@ def run_study(
             without_model.add(e.name)
             log(f"{e.name}: {report.blocked[e.name]}")
             continue
-        result = run.run_experiment(e.experiment, stages, force, out, notebooks_dir, log,
+        result = runner.run_experiment(e.experiment, stages, force, out, notebooks_dir, log,
                                     study.salts[e.name], f"Experiment '{e.name}' of study '{study.name}'",
                                     progress)
         report.experiments[e.name] = result
@@ -579,12 +572,12 @@ def run_study(
     plotted = plan_plots(study, out, force, notebooks_dir)
     if only is not None and "plots" not in only:
         plotted = [p for p in plotted if p.name in only]
-    report.plots = run.RunReport(f"{study.name} (plots)", out)
+    report.plots = runner.RunReport(f"{study.name} (plots)", out)
     for stage in plotted:  # each plot notebook is independent: one failing does not stop the other
-        run.execute_stages([stage], out, params_file, report.plots, log, progress)
+        runner.execute_stages([stage], out, params_file, report.plots, log, progress)
     return report
 
 
 def produced_files(out: Path) -> list[Path]:
     """The study's figures (PNG) and tables (CSV), for the final summary."""
-    return sorted([*out.glob("figures/*.png"), *out.glob("results/*.csv")])
+    return sorted([*out.glob(f"{layout.FIGURES}/*.png"), *out.glob(f"{layout.RESULTS}/*.csv")])

@@ -28,15 +28,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from rslib import distributed, heat, models
-from rslib.data import DATASET_SHAPES, load_dataset, make_loader
+from rslib import distributed, heat, layout, models
+from rslib.data import load_dataset, make_loader
 from rslib.io import atomic_write_text, file_sha256, provenance
-from rslib.noises import Noise, make_noise
-from rslib.params import Experiment, is_checkpoint_path, stage_main
+from rslib.noises import Noise
+from rslib.params import Experiment
 from rslib.train_modes import DirectLikelihood, NoiseAugmentation, SmoothAdv, Stability, Standard
-
-LAST = "last.pt"
-FINAL = "model.pt"
 
 
 class TrainingDiverged(RuntimeError):
@@ -44,7 +41,7 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclass
-class Run:
+class TrainingRun:
     """Everything one training run needs, resolved once."""
 
     experiment: Experiment
@@ -57,7 +54,7 @@ class Run:
 
     @property
     def checkpoints(self) -> Path:
-        return self.output_dir / "checkpoints"
+        return layout.checkpoints_dir(self.output_dir)
 
     @property
     def num_phases(self) -> int:
@@ -65,32 +62,17 @@ class Run:
         return train.heat_steps if train.mode == "heat" else 1
 
 
-def experiment_noise(experiment: Experiment) -> Noise:
-    """The experiment's noise at the dataset's input dimension."""
-    shape, _ = DATASET_SHAPES[experiment.data.dataset]
-    spec = experiment.noise
-    return make_noise(spec.name, math.prod(shape), sigma=spec.sigma, **spec.params)
-
-
-def resolve_checkpoint(reference: str, output_dir: Path) -> Path:
-    """A checkpoint path, or the name of a sibling experiment whose final model to use."""
-    path = Path(reference)
-    if is_checkpoint_path(reference) or path.exists():
-        return path
-    return output_dir.parent / reference / "checkpoints" / FINAL
-
-
 def train_digest(experiment: Experiment, output_dir: Path) -> str:
     """What a finished or resumable training must match: the training parameters and, for a heat
     model, the bytes of its base checkpoint (a retrained base makes the averaged model stale)."""
     salt = ""
     if experiment.train.mode == "heat":
-        base = resolve_checkpoint(experiment.train.heat_base, output_dir)
+        base = layout.resolve_checkpoint(experiment.train.heat_base, output_dir)
         salt = file_sha256(base) if base.is_file() else f"missing {base}"
     return experiment.stage_digest("train", salt)
 
 
-def _objective(run: Run, model: nn.Module, teacher: nn.Module | None):
+def _objective(run: TrainingRun, model: nn.Module, teacher: nn.Module | None):
     train, noise = run.experiment.train, run.noise
     raw = model.module if isinstance(model, DistributedDataParallel) else model
     if train.mode == "standard":
@@ -121,7 +103,7 @@ def heat_config(experiment: Experiment) -> heat.HeatConfig:
                            reinit=train.heat_reinit, student_noise=train.heat_student_noise)
 
 
-def _optimizer(run: Run, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+def _optimizer(run: TrainingRun, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
     train = run.experiment.train
     optimizer = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
                                 nesterov=train.nesterov and train.momentum > 0, weight_decay=train.weight_decay)
@@ -141,7 +123,7 @@ def _all_finite(ctx: distributed.Context, loss: torch.Tensor) -> bool:
     return bool(finite.item())
 
 
-def _train_epoch(run: Run, model, objective, optimizer, loader, epoch: int, label: str) -> dict[str, float]:
+def _train_epoch(run: TrainingRun, model, objective, optimizer, loader, epoch: int, label: str) -> dict[str, float]:
     model.train()
     total_loss, correct, seen, batches = 0.0, 0, 0, 0
     limit = run.experiment.train.max_batches
@@ -183,19 +165,19 @@ def evaluate(model: nn.Module, loader, device: torch.device, noise: Noise | None
     return correct / max(seen, 1)
 
 
-def _save(run: Run, path: Path, model, optimizer=None, scheduler=None, **extra: Any) -> None:
+def _save(run: TrainingRun, path: Path, model, optimizer=None, scheduler=None, **extra: Any) -> None:
     if not run.ctx.is_main:
         return
     data = run.experiment.data
-    _, num_classes = DATASET_SHAPES[data.dataset]
+    num_classes = layout.num_classes(run.experiment)
     raw = model.module if isinstance(model, DistributedDataParallel) else model
     models.save_checkpoint(path, raw, arch=run.experiment.model.arch, dataset=data.dataset,
                            num_classes=num_classes, optimizer=optimizer, scheduler=scheduler,
                            epoch=extra.get("epoch"), extra={"digest": run.digest, **extra})
 
 
-def _resume_state(run: Run) -> dict[str, Any] | None:
-    path = run.checkpoints / LAST
+def _resume_state(run: TrainingRun) -> dict[str, Any] | None:
+    path = run.checkpoints / layout.LAST_CHECKPOINT
     if not path.exists():
         return None
     state = models.load_checkpoint(path)
@@ -205,17 +187,17 @@ def _resume_state(run: Run) -> dict[str, Any] | None:
     return state
 
 
-def _teacher(run: Run, phase: int) -> nn.Module | None:
+def _teacher(run: TrainingRun, phase: int) -> nn.Module | None:
     if run.experiment.train.mode != "heat":
         return None
     if phase == 0:
-        path = resolve_checkpoint(run.experiment.train.heat_base, run.output_dir)
+        path = layout.resolve_checkpoint(run.experiment.train.heat_base, run.output_dir)
     else:
-        path = run.checkpoints / f"heat_step_{phase}.pt"
+        path = layout.heat_step_checkpoint(run.output_dir, phase)
     return models.load(path, device=run.ctx.device).requires_grad_(False)
 
 
-def _new_model(run: Run, phase: int, teacher: nn.Module | None) -> nn.Module:
+def _new_model(run: TrainingRun, phase: int, teacher: nn.Module | None) -> nn.Module:
     """A seeded fresh model; in heat mode the student (fresh, or the teacher when warm-starting)."""
     torch.manual_seed(run.experiment.seed * 1000 + phase)
 
@@ -225,12 +207,12 @@ def _new_model(run: Run, phase: int, teacher: nn.Module | None) -> nn.Module:
     return fresh() if teacher is None else heat.next_student(teacher, heat_config(run.experiment), fresh)
 
 
-def _write_metrics(run: Run, rows: list[dict[str, Any]]) -> None:
+def _write_metrics(run: TrainingRun, rows: list[dict[str, Any]]) -> None:
     if run.ctx.is_main:
-        atomic_write_text(run.output_dir / "results" / "train_metrics.csv", pd.DataFrame(rows).to_csv(index=False))
+        atomic_write_text(layout.results_dir(run.output_dir) / layout.TRAIN_METRICS, pd.DataFrame(rows).to_csv(index=False))
 
 
-def _loaders(run: Run):
+def _loaders(run: TrainingRun):
     data = run.experiment.data
     kwargs = {"data_dir": data.data_dir, "download": data.download, "seed": run.experiment.seed}
     train_set = load_dataset(data.dataset, "train", **kwargs)
@@ -249,13 +231,11 @@ def _loaders(run: Run):
 def fit(experiment: Experiment, output_dir: str | Path | None = None, *, progress: bool = True,
         log: Callable[[str], None] = print) -> Path:
     """Train ``experiment`` (resuming if a matching ``last.pt`` exists); return the final checkpoint."""
-    from rslib.run import experiment_dir
-
-    output_dir = Path(output_dir) if output_dir is not None else experiment_dir(experiment)
+    output_dir = layout.stage_output_dir(experiment, output_dir)
     ctx = distributed.setup(experiment.device)
-    run = Run(experiment, output_dir.resolve(), ctx, experiment_noise(experiment), log, progress,
-              train_digest(experiment, output_dir.resolve()))
-    final = run.checkpoints / FINAL
+    run = TrainingRun(experiment, output_dir, ctx, layout.experiment_noise(experiment), log, progress,
+                      train_digest(experiment, output_dir))
+    final = run.checkpoints / layout.FINAL_CHECKPOINT
     state = _resume_state(run)
     rows: list[dict[str, Any]] = list(state["extra"]["metrics"]) if state else []
     start_phase, start_epoch = (state["extra"]["phase"], state["epoch"] + 1) if state else (0, 0)
@@ -300,28 +280,19 @@ def fit(experiment: Experiment, output_dir: str | Path | None = None, *, progres
                 log(f"{label} epoch {epoch + 1}/{epochs}: " + ", ".join(
                     f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
             rows.append(row)
-            _save(run, run.checkpoints / LAST, model, optimizer, scheduler, epoch=epoch, phase=phase,
+            _save(run, run.checkpoints / layout.LAST_CHECKPOINT, model, optimizer, scheduler, epoch=epoch, phase=phase,
                   metrics=rows, finished=False)
             _write_metrics(run, rows)
             ctx.barrier()
         if teacher is not None:
-            _save(run, run.checkpoints / f"heat_step_{phase + 1}.pt", model, phase=phase)
+            _save(run, layout.heat_step_checkpoint(run.output_dir, phase + 1), model, phase=phase)
         ctx.barrier()
         state = None
     if model is None:
-        raise RuntimeError(f"nothing to train: {run.checkpoints / LAST} says all epochs are done but {final} is missing")
+        raise RuntimeError(f"nothing to train: {run.checkpoints / layout.LAST_CHECKPOINT} says all epochs are done but {final} is missing")
     _save(run, final, model, phase=run.num_phases - 1, params=experiment.to_dict(), metrics=rows,
           provenance=provenance(), train_seconds=time.perf_counter() - started, finished=True)
-    _save(run, run.checkpoints / LAST, model, optimizer, scheduler, epoch=epochs - 1, phase=run.num_phases - 1,
+    _save(run, run.checkpoints / layout.LAST_CHECKPOINT, model, optimizer, scheduler, epoch=epochs - 1, phase=run.num_phases - 1,
           metrics=rows, finished=True)
     ctx.barrier()
     return final
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m rslib.train PARAMS [-p key=value ...]``; under ``torchrun`` every rank runs this."""
-    stage_main(argv, prog="python -m rslib.train", description="Train one experiment.", example="train.epochs=5", run_stage=fit)
-
-
-if __name__ == "__main__":
-    main()

@@ -6,23 +6,16 @@ training accuracy (on the inputs the loss saw: noisy ones for noise-based modes)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rslib.certify import mean_softmax_log
 from rslib.noises import Noise
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def smoothed_log_probs(model: nn.Module, x: torch.Tensor, draws: int) -> torch.Tensor:
-    """log of the mean softmax over ``draws`` consecutive rows per input: (B * draws, K) -> (B, K)."""
-    log_probs = F.log_softmax(model(x), dim=1)
-    log_probs = log_probs.view(-1, draws, log_probs.shape[1])
-    return torch.logsumexp(log_probs, dim=1) - math.log(draws)
 
 
 @dataclass
@@ -69,7 +62,7 @@ class DirectLikelihood:
 
     def __call__(self, model, x, y, epoch):
         noisy = self.noise.sample(x.repeat_interleave(self.draws, dim=0))
-        log_mean = smoothed_log_probs(model, noisy, self.draws)
+        log_mean = mean_softmax_log(model(noisy), self.draws)
         return F.nll_loss(log_mean, y), log_mean, y
 
 
@@ -103,7 +96,7 @@ class SmoothAdv:
         step = 2 * eps / self.steps
         for _ in range(self.steps):
             inputs = x.repeat_interleave(self.draws, dim=0) + adv.repeat_interleave(self.draws, dim=0) + delta
-            loss = F.nll_loss(smoothed_log_probs(net, inputs, self.draws), y, reduction="sum")
+            loss = F.nll_loss(mean_softmax_log(net(inputs), self.draws), y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, adv)
             norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
             with torch.no_grad():

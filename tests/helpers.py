@@ -33,3 +33,14 @@ def set_rank_env(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+
+
+def top_logit_gradient_norms(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``||grad_x f_c(x)||_2`` per input, ``c`` the top class at ``x`` (held fixed); eval mode, modes restored."""
+    from rslib.models import eval_mode
+
+    with torch.enable_grad(), eval_mode(model):
+        xg = x.detach().clone().requires_grad_(True)
+        logits = model(xg)
+        (grad,) = torch.autograd.grad(logits.gather(-1, logits.argmax(-1, keepdim=True)).sum(), xg)
+    return grad.flatten(1).norm(dim=1)

@@ -21,11 +21,13 @@ from rslib.certify import (
     ABSTAIN,
     COLUMNS,
     Smooth,
-    average_certified_radius,
-    certified_accuracy,
-    deterministic_certify,
+    mean_softmax_log,
     recertify,
+    soft_average,
+    vote_counts,
 )
+from rslib.lbound import deterministic_certify
+from rslib.metrics import average_certified_radius, certified_accuracy
 from rslib.noises import make_noise
 
 
@@ -156,3 +158,39 @@ def test_memory_does_not_grow_with_n(linear_case):
 
     Smooth(Spy(), make_noise("Gaussian", 16, sigma=sigma), 2).certify(x[:3], None, n0=10, n=5000, batch_size=256)
     assert max(seen) == 256 and sum(seen) == 3 * (10 + 5000)
+
+
+def test_soft_average_of_a_linear_model_is_its_clean_output():
+    # E[W(x + delta) + b] = W x + b. Each coordinate's Monte-Carlo mean has sd sigma ||W_k|| / sqrt(n);
+    # 5 sd bounds it (Gaussian tail 6e-7 per coordinate, 15 coordinates; fixed seed, so deterministic).
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).double()
+    x = torch.rand(5, 6, dtype=torch.float64)
+    sigma, n = 0.5, 4000
+    noise = make_noise("Gaussian", 6, sigma=sigma)
+    average = soft_average(model, x, noise, n, batch_size=777, generator=torch.Generator().manual_seed(1),
+                           output="logits")
+    sd = sigma * model.weight.detach().norm(dim=1) / math.sqrt(n)
+    assert average.shape == (5, 3) and average.dtype == torch.float64
+    assert torch.all((average - model(x).detach()).abs() < 5 * sd)
+    probs = soft_average(model, x, noise, 50, batch_size=64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(5, dtype=torch.float64))
+
+
+def test_vote_counts_pack_rows_across_inputs():
+    # A classifier of the sign of the first coordinate, far from the boundary: every draw votes the same
+    # way, so the counts are exact whatever the packing of (input, draw) rows into batches.
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([-x[:, 0], x[:, 0]], dim=1)
+
+    x = torch.tensor([[5.0, 0.0], [-5.0, 0.0], [5.0, 1.0]])
+    noise = make_noise("Uniform", 2, sigma=0.1)
+    for batch_size in (1, 7, 100):
+        counts = vote_counts(logits, x, 10, batch_size, lambda rows, clean, image: noise.perturb_(rows, clean))
+        assert counts.tolist() == [[0, 10], [10, 0], [0, 10]]
+
+
+def test_mean_softmax_log_is_the_log_of_the_mean_softmax():
+    logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = torch.softmax(logits, 1).view(2, 3, 4).mean(1).log()
+    torch.testing.assert_close(mean_softmax_log(logits, 3), expected)

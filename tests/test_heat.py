@@ -8,19 +8,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import top_logit_gradient_norms
 from torch import nn
 
+from rslib.certify import soft_average
 from rslib.heat import (
     HeatConfig,
     finite_difference_draws,
     frozen_copy,
     heat_step_loss,
-    input_gradient_norm,
     jacobian_penalty,
-    monte_carlo_average,
     next_student,
     teacher_outputs,
 )
+from rslib.noises import make_noise
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -334,42 +335,12 @@ def test_frozen_copy_and_next_student():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_monte_carlo_average_of_a_linear_model_is_the_clean_output():
-    # E[A(x + s z) + b] = A x + b; each coordinate's MC mean has sd s ||A_k|| / sqrt(n); 5 sd
-    # (Gaussian tail 6e-7 per coordinate, 15 coordinates; fixed seed, so deterministic).
-    model = _linear(6, 3)
-    x = torch.rand(5, 6, generator=_gen(21), dtype=torch.float64)
-    sigma, n = 0.5, 4000
-    avg = monte_carlo_average(
-        model, x, sigma, n, batch_size=777, generator=_gen(22), output="logits"
-    )
-    sd = sigma * model[1].weight.detach().norm(dim=1) / math.sqrt(n)
-    assert avg.shape == (5, 3) and avg.dtype == torch.float64
-    assert torch.all((avg - model(x).detach()).abs() < 5 * sd)
-    probs = monte_carlo_average(model, x, sigma, 50, batch_size=64, generator=_gen(23))
-    torch.testing.assert_close(probs.sum(-1), torch.ones(5, dtype=torch.float64))
-    exact = monte_carlo_average(model, x, 0.0, 3, batch_size=4, output="logits")
-    torch.testing.assert_close(exact, model(x).detach())
-    with pytest.raises(ValueError, match="samples"):
-        monte_carlo_average(model, x, sigma, 0, batch_size=4)
-
-
-def test_input_gradient_norm_of_a_linear_model_and_modes_restored():
-    model = _linear(6, 3)
-    a = model[1].weight.detach()
+def test_teacher_outputs_restore_modes_and_statistics():
     x = torch.rand(5, 6, generator=_gen(24), dtype=torch.float64)
-    top = model(x).argmax(-1)
-    norms = input_gradient_norm(model, x, reduce="none")
-    torch.testing.assert_close(norms, a[top].norm(dim=1))
-    torch.testing.assert_close(input_gradient_norm(model, x), norms.mean())
-    torch.testing.assert_close(input_gradient_norm(model, x, reduce="max"), norms.max())
-    assert all(p.grad is None for p in model.parameters())
-
     bn_model = _mlp(6, 3, bn=True).train()
     stats = [b.clone() for b in bn_model.buffers()]
-    input_gradient_norm(bn_model, x, output="softmax")
-    monte_carlo_average(bn_model, x, 0.1, 4, batch_size=8)
     teacher_outputs(bn_model, x)
+    soft_average(bn_model, x, make_noise("Gaussian", 6, sigma=0.1), 4, batch_size=8)
     assert bn_model.training
     assert all(torch.equal(b, s) for b, s in zip(bn_model.buffers(), stats, strict=True))
 
@@ -416,9 +387,8 @@ def test_heat_steps_approach_the_gaussian_average_of_the_base(one_thread):
     grid = torch.linspace(-1.5, 1.5, 61).unsqueeze(1)
 
     def mc(s: float) -> torch.Tensor:
-        return monte_carlo_average(
-            base, grid, s, 20_000, batch_size=100_000, generator=g, output="logits"
-        )
+        return soft_average(base, grid, make_noise("Gaussian", 1, sigma=s), 20_000, batch_size=100_000,
+                            generator=g, output="logits")
 
     targets = {s: mc(s) for s in (sigma / 2, sigma, 2 * sigma)}
     teacher = frozen_copy(base)
@@ -446,6 +416,6 @@ def test_heat_steps_approach_the_gaussian_average_of_the_base(one_thread):
     assert student_d < 0.2 * dist[sigma / 2][1] and student_d < 0.2 * dist[2 * sigma][1], dist
     # The sharp boundary is gone: the largest top-logit gradient drops from 30 (= 3 * 10) to about
     # that of the averaged logit, 3 * 2 * phi(0) / sigma = 4.8 (measured: 30.0 and 4.98).
-    g_base = input_gradient_norm(base, grid, reduce="max").item()
-    g_student = input_gradient_norm(teacher, grid, reduce="max").item()
+    g_base = top_logit_gradient_norms(base, grid).max().item()
+    g_student = top_logit_gradient_norms(teacher, grid).max().item()
     assert g_base == pytest.approx(30.0, rel=1e-3) and g_student < 8.0, (g_base, g_student)

@@ -9,9 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from rslib.attacks import smoothed
-from rslib.certify import deterministic_certify
-from rslib.lbound import COLUMNS
+from rslib.certify import smoothed
+from rslib.lbound import COLUMNS, deterministic_certify
 from rslib.lbound import test_statistics as statistics
 from rslib.noises import make_noise
 

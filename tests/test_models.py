@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 from rslib import models
+from rslib.data import DATASET_SHAPES, DATASETS
 from rslib.models import (
-    DATASET_SHAPES,
-    NORMALIZATION,
     CheckpointError,
     Normalize,
     build_model,
@@ -209,7 +208,7 @@ def test_normalization_is_inside(dataset, resnet50_imagenet):
     assert isinstance(model.normalize, Normalize)
     assert list(model.normalize.parameters()) == []
     assert {"normalize.mean", "normalize.std"} <= set(model.state_dict())
-    mean, std = NORMALIZATION[dataset]
+    mean, std = DATASETS[dataset].mean, DATASETS[dataset].std
     assert model.normalize.mean.flatten().tolist() == pytest.approx(mean)
     assert model.normalize.std.flatten().tolist() == pytest.approx(std)
     x = _pixels(2, dataset, size=64 if dataset == "imagenet" else None)
@@ -224,7 +223,7 @@ def test_digits_normalization_constants_match_data():
     from sklearn.datasets import load_digits
 
     pixels = load_digits().images.astype(np.float64) / 16.0
-    (mean,), (std,) = NORMALIZATION["digits"]
+    (mean,), (std,) = DATASETS["digits"].mean, DATASETS["digits"].std
     assert mean == pytest.approx(pixels.mean(), abs=1e-4)
     assert std == pytest.approx(pixels.std(), abs=1e-4)
 
@@ -390,7 +389,7 @@ def test_corrupt_file_is_a_value_error_naming_the_path(tmp_path):
 def test_not_an_rslib_checkpoint(tmp_path):
     path = tmp_path / "plain.pt"
     torch.save(build_model("small_cnn", "digits").state_dict(), path)  # a bare state dict
-    with pytest.raises(ValueError, match=r"not an rslib checkpoint: missing format_version") as i:
+    with pytest.raises(ValueError, match=r"a PyTorch checkpoint, not an rslib one.*rslib import-checkpoint") as i:
         load_checkpoint(path)
     assert str(path) in str(i.value)
     torch.save([1, 2, 3], path)

@@ -227,8 +227,8 @@ def test_missing_tutorial_section_gets_defaults(tmp_path: Path) -> None:
         ({"name": "ExpInf", "k": 1, "j": 64}, "tutorial.l1_noises[0] is not a valid noise (ExpInf)"),
         ({"name": "NoSuchNoise"}, "tutorial.l1_noises[0] is not a valid noise (NoSuchNoise)"),
         ({"name": "Gaussian", "q": 3}, "tutorial.l1_noises[0] is not a valid noise (Gaussian)"),
-        ({"k": 1}, "tutorial.l1_noises[0] needs a 'name'"),
-        ({"name": "Gaussian", "sigma": 2}, "tutorial.l1_noises[0] must not set sigma"),
+        ({"k": 1}, "a noise needs a 'name'"),
+        ({"name": "Gaussian", "sigma": 2}, "(Gaussian): noise parameters must not set sigma"),
     ],
 )
 def test_bad_noise_specs(tmp_path: Path, spec: dict[str, Any], expected: str) -> None:

@@ -16,8 +16,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from rslib import attack_run, certify_run, plots, results  # noqa: E402
+from rslib import attack_stage, certify_stage, metrics, plots, results  # noqa: E402
 from rslib.lbound import COLUMNS as LBOUND_STAT_COLUMNS  # noqa: E402
+from rslib.lbound import LBOUND_COLUMNS  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 INF = math.inf
@@ -89,13 +90,13 @@ def _certify_frame(rows: list[tuple]) -> pd.DataFrame:
         source = "l2" if r > 0 else "none"
         out.append([idx, 1, prediction, correct, 90, 5, 10, 100, 0.001, 0.9 if r > 0 else 0.4, 2 * r, r, r / 10,
                     SECONDS_PREDICT, SECONDS_CERTIFY, source, source, source, max(prediction, 0), correct])
-    return certify_run.rows_frame(out)
+    return certify_stage.rows_frame(out)
 
 
 def _attack_frame(name: str, rows: list[tuple]) -> pd.DataFrame:
     out = [[idx, 3, name, ok, d if ok else INF, d if ok else INF, d, d if ok else INF]
            for idx, (ok, d) in enumerate(rows)]
-    return attack_run.rows_frame(out, attack_run.ROW_COLUMNS)
+    return attack_stage.rows_frame(out, attack_stage.ROW_COLUMNS)
 
 
 def _lbound_frame(values: list[float]) -> pd.DataFrame:
@@ -121,16 +122,16 @@ def build_study(root: Path) -> Path:
         experiments.append({"name": name, "label": label, "dir": f"exp/{name}", "stages": stages, "params": params})
         (root / "exp" / name).mkdir(parents=True)
     for name, rows in CERTIFY.items():
-        _csv(root / "exp" / name / "results" / certify_run.RESULT, _certify_frame(rows))
+        _csv(root / "exp" / name / "results" / "certify.csv", _certify_frame(rows))
     for (name, attack), rows in ATTACKS.items():
-        _csv(attack_run.result_path(root / "exp" / name / "results", attack), _attack_frame(attack, rows))
+        _csv(attack_stage.result_path(root / "exp" / name / "results", attack), _attack_frame(attack, rows))
     for name, values in LBOUND_VALUES.items():
-        _csv(root / "exp" / name / "results" / attack_run.LBOUND, _lbound_frame(values))
+        _csv(root / "exp" / name / "results" / "lbound.csv", _lbound_frame(values))
     heat = _certify_frame(CERTIFY["heat"])
     lbound = pd.DataFrame({"idx": heat["idx"], "label": 1, "prediction": heat["prediction"].clip(lower=0),
                            "margin": 0.5, "radius": [0.4, 0.3, 0.0, 0.0], "correct": [True, True, False, False],
                            "seconds": SECONDS_ONE_PASS, "norm": "l2", "approximate": True})
-    _csv(root / "exp" / "heat" / "results" / certify_run.LBOUND, lbound[certify_run.LBOUND_COLUMNS])
+    _csv(root / "exp" / "heat" / "results" / "lbound_certify.csv", lbound[LBOUND_COLUMNS])
     study = {"study": "synthetic", "description": "hand-made results", "experiments": experiments,
              "report": {"groups": GROUPS}, "provenance": {}}
     (root / results.STUDY_FILE).write_text(json.dumps(study))
@@ -204,7 +205,7 @@ def test_missing_experiments_are_skipped_with_a_note(study):
 def test_damaged_result_files_are_skipped_with_a_note(tmp_path):
     study = results.load_study(build_study(tmp_path))
     (tmp_path / "exp" / "cohen" / "results" / "certify.csv").write_text("idx,whatever\n1,2\n")
-    (tmp_path / "exp" / "heat" / "results" / "certify.csv").write_text(",".join(certify_run.ROW_COLUMNS) + "\n")
+    (tmp_path / "exp" / "heat" / "results" / "certify.csv").write_text(",".join(certify_stage.ROW_COLUMNS) + "\n")
     (tmp_path / "exp" / "baseline" / "results" / "attack_pgd.csv").write_bytes(b"\x00\xff garbage")
     notes: list[str] = []
     group = _group(study, "heat_smoothing")
@@ -222,11 +223,11 @@ def test_curves_count_abstains_and_include_the_lbound(study):
     cert = results.load_certify_group(study, _group(study, "heat_smoothing"), log=lambda _: None)
     curves = cert.curves
     assert list(curves.columns) == results.CURVE_COLUMNS
-    zero = curves[(curves["radius"] == 0) & (curves["method"] == certify_run.MONTE_CARLO)]
+    zero = curves[(curves["radius"] == 0) & (curves["method"] == metrics.MONTE_CARLO)]
     # baseline: 1 correct of 4 rows (two abstains and one error are in the denominator)
     assert zero.set_index("experiment")["certified_accuracy"].to_dict() == {"baseline": 0.25, "cohen": 0.75,
                                                                           "heat": 0.75}
-    lbound = curves[curves["method"] == certify_run.LBOUND_METHOD]
+    lbound = curves[curves["method"] == metrics.LBOUND_METHOD]
     assert set(lbound["experiment"]) == {"heat"} and set(lbound["norm"]) == {"l2"}
     assert lbound.loc[lbound["radius"] == 0, "certified_accuracy"].item() == 0.5
     # one training mode per model: no sigma sweep in this group
@@ -236,11 +237,11 @@ def test_curves_count_abstains_and_include_the_lbound(study):
 def test_envelope_is_the_max_over_sigma(study):
     cert = results.load_certify_group(study, _group(study, "rs4a"), log=lambda _: None)
     assert cert.sweeps == {"Gaussian": ["gauss_0.25", "gauss_0.5"], "Uniform": ["unif_0.25", "unif_0.5"]}
-    env = results.envelope(cert.curves)
+    env = metrics.envelope(cert.curves)
     gauss = env[(env["family"] == "Gaussian") & (env["norm"] == "l2")]
     radii = [0.0, 0.05, 0.1, 0.15, 0.3, 0.31, 0.5, 0.6, 0.61, 2.0]
-    value = results.step_value(gauss["radius"], gauss["certified_accuracy"], radii)
-    expected = np.max([certify_run.certified_accuracy(cert.tables[n], radii, "l2")
+    value = metrics.step_value(gauss["radius"], gauss["certified_accuracy"], radii)
+    expected = np.max([metrics.certified_accuracy(cert.tables[n], radii, "l2")
                        for n in ("gauss_0.25", "gauss_0.5")], axis=0)
     assert value.tolist() == pytest.approx(expected.tolist())
     assert expected.tolist() == pytest.approx([0.75, 0.75, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25, 0.0, 0.0])
@@ -331,9 +332,9 @@ def test_not_certified_overlay_on_the_intersection(study):
     table = adv.cert_tables["cohen"]
     common = table[table["idx"].isin([0, 2, 4])]
     radii = cohen["radius"].to_numpy()
-    expected = 100 * (1 - certify_run.certified_accuracy(common, radii, "l2"))
+    expected = 100 * (1 - metrics.certified_accuracy(common, radii, "l2"))
     assert cohen["percent_not_certified"].to_numpy() == pytest.approx(expected)
-    values = results.step_value(radii, cohen["percent_not_certified"], [0.0, 0.2, 0.5], beyond=100.0)
+    values = metrics.step_value(radii, cohen["percent_not_certified"], [0.0, 0.2, 0.5], beyond=100.0)
     assert values.tolist() == pytest.approx([100 / 3, 200 / 3, 100.0])
 
 
@@ -356,7 +357,7 @@ def test_lbound_distribution(study):
 
 def test_plots_and_table_files(study, tmp_path):
     cert = results.load_certify_group(study, _group(study, "rs4a"), log=lambda _: None)
-    env = results.envelope(cert.curves)
+    env = metrics.envelope(cert.curves)
     figures = [plots.plot_study_certified_accuracy(cert.curves, "t"),
                plots.plot_sigma_facets(cert.curves, "l2", list(cert.sweeps), env, "t"),
                plots.plot_envelopes(env, "t")]
@@ -379,7 +380,7 @@ def test_plots_and_table_files(study, tmp_path):
 def _execute(notebook: str, study_dir: Path, tmp_path: Path, monkeypatch) -> str:
     import papermill
 
-    from rslib.run import kernel_for_current_python
+    from rslib.runner import kernel_for_current_python
 
     kernel, jupyter_dir = kernel_for_current_python(tmp_path)
     if jupyter_dir is not None:
@@ -411,7 +412,7 @@ def test_cert_plots_notebook(study_dir, tmp_path, monkeypatch):
     assert (tables / "cert_envelope_rs4a.csv").exists()
     # a number of the written table equals what the CSVs give directly
     best = pd.read_csv(tables / "cert_accuracy_at_radii_rs4a.csv").set_index(["unit", "norm", "radius"])
-    direct = max(certify_run.certified_accuracy(certify_run.read_table(
+    direct = max(metrics.certified_accuracy(certify_stage.read_table(
         study_dir / "exp" / n / "results" / "certify.csv"), [0.5], "l2")[0] for n in ("gauss_0.25", "gauss_0.5"))
     assert best.loc[("Gaussian", "l2", 0.5), "certified_accuracy"] == pytest.approx(direct) == 0.25
     assert "'broken'" in text and "'ghost'" in text  # the notes name the skipped experiments
@@ -426,7 +427,7 @@ def test_adv_plots_notebook(study_dir, tmp_path, monkeypatch):
     for name in ("adv_cdf", "adv_not_certified", "adv_summary", "lbound"):
         assert (tables / f"{name}_heat_smoothing.csv").exists(), name
     summary = pd.read_csv(tables / "adv_summary_heat_smoothing.csv").set_index(["experiment", "attack"])
-    rows = attack_run.read_table(study_dir / "exp" / "cohen" / "results" / "attack_pgd.csv")
+    rows = attack_stage.read_table(study_dir / "exp" / "cohen" / "results" / "attack_pgd.csv")
     assert summary.loc[("cohen", "pgd"), "success_rate"] == pytest.approx(rows["success"].mean()) == 0.6
     assert summary.loc[("baseline", "ddn"), "median_l2"] == INF
     assert "'broken'" in text and "figures/adv_cdf_heat_smoothing.png" in text

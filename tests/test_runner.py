@@ -15,9 +15,10 @@ import pytest
 import yaml
 
 from rslib import cli, params
-from rslib import run as run_mod
+from rslib import runner as run_mod
 from rslib.io import atomic_write_json, atomic_writer
-from rslib.run import kernel_for_current_python, run
+from rslib.runner import kernel_for_current_python
+from rslib.runner import run_file as run
 
 TOY_CELL = """\
 import json, os, pathlib, sys

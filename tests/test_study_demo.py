@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from rslib import cli
-from rslib.certify import certified_accuracy
+from rslib.metrics import certified_accuracy
 
 STUDY = {
     "study": "mini",

@@ -25,7 +25,7 @@ from rslib.noises.curves import (  # noqa: E402
     spec_label,
     winners,
 )
-from rslib.run import run  # noqa: E402
+from rslib.runner import run_file as run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("noise_samples", "radius_l1", "radius_l2", "radius_linf")

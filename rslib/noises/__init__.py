@@ -7,12 +7,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
-from rslib.noises.base import NORMS, Noise, norm_label, parse_norm
+from rslib.noises.base import NORM_LABELS, NORMS, Noise, conversion_factor, norm_label, parse_norm
 from rslib.noises.distributions import NOISES
 
-__all__ = ["NOISES", "NORMS", "Noise", "make_noise", "noise_from_spec", "norm_label", "parse_norm"]
+__all__ = ["NOISES", "NORMS", "NORM_LABELS", "Noise", "conversion_factor", "make_noise", "noise_from_params",
+           "norm_label", "parse_norm"]
 
 
 def make_noise(name: str, dim: int, sigma: float | None = None, lambd: float | None = None,
@@ -25,8 +29,17 @@ def make_noise(name: str, dim: int, sigma: float | None = None, lambd: float | N
     return cls(dim, sigma=sigma, lambd=lambd, device=device, **params)
 
 
-def noise_from_spec(spec: dict) -> Noise:
-    """Rebuild a noise from ``Noise.spec()`` (uses ``lambd``, which is always finite)."""
-    spec = dict(spec)
-    spec.pop("sigma", None)
-    return make_noise(spec.pop("name"), spec.pop("dim"), lambd=spec.pop("lambd"), **spec)
+def noise_from_params(spec: Mapping[str, Any], dim: int, sigma: float) -> Noise:
+    """``make_noise`` for a parameter mapping such as ``{"name": "Pareto", "a": 3}`` at ``dim`` and ``sigma``.
+
+    The one way rslib turns noise parameters (YAML sections, tutorial lists) into a noise; a missing
+    name or a reserved key (dim, sigma, device, lambd) raises ValueError naming it.
+    """
+    params = dict(spec)
+    name = params.pop("name", None)
+    if not isinstance(name, str):
+        raise ValueError(f"a noise needs a 'name', e.g. {{name: Gaussian}}; got {dict(spec)!r}")
+    reserved = sorted(set(params) & {"dim", "sigma", "device", "lambd"})
+    if reserved:
+        raise ValueError(f"noise parameters must not set {', '.join(reserved)} (they come from the section)")
+    return make_noise(name, dim, sigma=sigma, **params)

@@ -33,6 +33,22 @@ def norm_label(norm: float) -> str:
     return "linf" if math.isinf(norm) else f"l{int(norm)}"
 
 
+#: The labels of :data:`NORMS` ("l1", "l2", "linf"): column suffixes and keys everywhere in rslib.
+NORM_LABELS: tuple[str, ...] = tuple(norm_label(norm) for norm in NORMS)
+
+
+def conversion_factor(dim: int, source: Any, target: Any) -> float:
+    """Divide an ``l_source`` radius by this (>= 1) to get a sound ``l_target`` radius in dimension ``dim``.
+
+    ``||v||_target <= ||v||_source`` for ``target >= source``; otherwise
+    ``||v||_source <= dim^(1/source - 1/target) ||v||_target`` (Hoelder).
+    """
+    source, target = parse_norm(source), parse_norm(target)
+    if target <= source:
+        return 1.0
+    return float(dim ** (1.0 / source - 1.0 / target))
+
+
 def _as_probabilities(prob_lb: Any) -> np.ndarray:
     """float64 copy of ``prob_lb`` after checking that every value lies in [0, 1]."""
     if isinstance(prob_lb, torch.Tensor):
@@ -199,9 +215,7 @@ class Noise(ABC):
 
     def conversion_factor(self, source: float, target: float) -> float:
         """Divide an ``l_source`` radius by this to get a sound ``l_target`` radius."""
-        if target <= source:
-            return 1.0
-        return self.dim ** (1.0 / source - 1.0 / target)
+        return conversion_factor(self.dim, source, target)
 
     def describe_certificate(self, adv: Any) -> str:
         """One line saying how the ``adv`` radius is obtained."""

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rslib.noises import NORMS, Noise, make_noise, norm_label, parse_norm
+from rslib.noises import NORMS, Noise, noise_from_params, norm_label, parse_norm
 
 NO_CERTIFICATE = "none"
 COLUMNS = ["noise", "norm", "rho", "radius", "source", "method"]
@@ -35,15 +35,6 @@ def spec_label(spec: Mapping[str, Any]) -> str:
         return str(spec["name"])
     inner = ", ".join(f"{k}={_format_value(v)}" for k, v in params.items())
     return f"{spec['name']}({inner})"
-
-
-def noise_from(spec: Mapping[str, Any], dim: int, sigma: float) -> Noise:
-    """``make_noise`` for a spec dict such as ``{"name": "Pareto", "a": 3}``."""
-    params = dict(spec)
-    name = params.pop("name", None)
-    if name is None:
-        raise ValueError(f"a noise spec needs a 'name', e.g. {{'name': 'Gaussian'}}; got {dict(spec)!r}")
-    return make_noise(name, dim, sigma=sigma, **params)
 
 
 def certificate_method(noise: Noise, source: float, target: float) -> str:
@@ -80,7 +71,7 @@ def radius_curves(
         raise ValueError(f"rho must be a non-empty 1-D array; got shape {rho.shape}")
     frames = []
     for spec, label in zip(specs, _labels(specs), strict=True):
-        noise = noise_from(spec, dim, sigma)
+        noise = noise_from_params(spec, dim, sigma)
         radius, source = noise.certify_with_source(rho, norm)
         certified = rho > 0.5
         methods = {q: certificate_method(noise, q, norm) for q in np.unique(source[certified])}
@@ -109,7 +100,7 @@ def noise_summary(specs: Sequence[Mapping[str, Any]], dim: int, sigma: float) ->
         if label in seen:
             continue
         seen.add(label)
-        noise = noise_from(spec, dim, sigma)
+        noise = noise_from_params(spec, dim, sigma)
         row = {"noise": label, "dim": noise.dim, "sigma": noise.sigma, "lambd": noise.lambd,
                "direct": ", ".join(norm_label(q) for q in noise.direct_norms())}
         for q in NORMS:
@@ -185,9 +176,3 @@ def certificate_sources(frame: pd.DataFrame) -> pd.DataFrame:
              .rename(columns={"min": "rho_from", "max": "rho_to"}).reset_index())
     table.insert(3, "converted", table["source"] != table["norm"])
     return table
-
-
-def conversion_penalty(dim: int, source: Any, target: Any) -> float:
-    """The factor an ``l_source`` radius is divided by to give an ``l_target`` radius (>= 1)."""
-    p, q = parse_norm(target), parse_norm(source)
-    return 1.0 if p <= q else float(dim ** (1.0 / q - 1.0 / p))

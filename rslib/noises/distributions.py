@@ -46,7 +46,6 @@ from rslib.noises.levelset import (
 from rslib.noises.tables import RadiusTable, cached_table, table_key
 
 INF = math.inf
-CLOSED = "closed form"
 DIFFERENTIAL = "differential method (sound table)"
 LEVEL_SET = "level-set method (sound table)"
 

@@ -1,4 +1,5 @@
-"""The papermill runner behind ``rslib run``: executes stage notebooks into outputs/<experiment>/."""
+"""The notebook runner behind ``rslib run``: executes an experiment's stage notebooks with papermill
+into its folder (``rslib.layout``), skipping finished stages and marking each one done or failed."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from rslib import params
+from rslib import layout, params
 from rslib.io import atomic_write_json, atomic_write_text, provenance, read_json_dict
 
 
@@ -67,18 +68,9 @@ def default_notebooks_dir() -> Path:
     return Path(rslib.__file__).resolve().parents[1] / "notebooks"
 
 
-def experiment_dir(exp: params.Experiment, output_root: str | os.PathLike[str] = "outputs") -> Path:
-    """Absolute ``<output_root>/<experiment>`` folder."""
-    return Path(output_root).resolve() / exp.experiment
-
-
-def _marker(exp_dir: Path, stage: str) -> Path:
-    return exp_dir / "notebooks" / f"{stage}.done.json"
-
-
 def read_marker(out_dir: Path, stage: str) -> dict[str, Any] | None:
     """The finished-stage marker of ``stage`` under ``out_dir/notebooks``, or None."""
-    return read_json_dict(_marker(out_dir, stage))
+    return read_json_dict(layout.marker_path(out_dir, stage))
 
 
 def plan(
@@ -103,7 +95,7 @@ def plan(
                     f"only: stage {name!r} is not among the stages of experiment "
                     f"'{exp.experiment}' ({', '.join(exp.stages)})"
                 )
-    exp_dir = experiment_dir(exp, output_root)
+    exp_dir = layout.experiment_dir(exp, output_root)
     salt += params.checkpoint_files_stamp(exp)
     return [
         plan_stage(name, stage_notebook(params.STAGES[name].notebook, notebooks_dir), exp_dir,
@@ -208,11 +200,9 @@ def _execute(stage: PlannedStage, out_dir: Path, params_file: Path, kernel: str,
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    nb_dir = out_dir / "notebooks"
-    final = nb_dir / f"{stage.name}.ipynb"
-    failed = nb_dir / f"{stage.name}.failed.ipynb"
-    partial = nb_dir / f".{stage.name}.partial.ipynb"
-    _marker(out_dir, stage.name).unlink(missing_ok=True)
+    paths = layout.notebook_paths(out_dir, stage.name)
+    final, failed, partial = paths["final"], paths["failed"], paths["partial"]
+    layout.marker_path(out_dir, stage.name).unlink(missing_ok=True)
     ok, error = False, None
     start = time.perf_counter()
     try:
@@ -240,7 +230,7 @@ def _execute(stage: PlannedStage, out_dir: Path, params_file: Path, kernel: str,
         return StageResult(stage.name, "failed", seconds, failed if failed.exists() else None, error)
     failed.unlink(missing_ok=True)
     atomic_write_json(
-        _marker(out_dir, stage.name),
+        layout.marker_path(out_dir, stage.name),
         {
             "stage": stage.name,
             "digest": stage.digest,
@@ -270,7 +260,7 @@ def execute_stages(
         label = f"{report.experiment}: {stage.name}"
         if stage.action == "skip":
             log(f"{label}: skipped ({stage.reason})")
-            notebook = out_dir / "notebooks" / f"{stage.name}.ipynb"
+            notebook = layout.notebook_paths(out_dir, stage.name)["final"]
             report.stages.append(StageResult(stage.name, "skipped", notebook=notebook))
             continue
         if kernel is None:
@@ -288,11 +278,11 @@ def execute_stages(
 
 def prepare_output(out_dir: Path, params_text: str) -> Path:
     """Create ``notebooks/ results/ figures/`` and write the resolved parameters and provenance."""
-    for sub in ("notebooks", "results", "figures"):
+    for sub in layout.SUBFOLDERS:
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    params_file = out_dir / "params.yaml"
+    params_file = out_dir / layout.PARAMS_FILE
     atomic_write_text(params_file, params_text)
-    atomic_write_json(out_dir / "provenance.json", provenance())
+    atomic_write_json(out_dir / layout.PROVENANCE_FILE, provenance())
     return params_file
 
 
@@ -320,7 +310,7 @@ def run_experiment(
     Finished stages whose marker matches the stage digest are skipped unless ``force``; the first
     failing stage stops the experiment, its notebook kept as ``<stage>.failed.ipynb``.
     """
-    exp_dir = experiment_dir(exp, output_root)
+    exp_dir = layout.experiment_dir(exp, output_root)
     planned = plan(exp, only, force, output_root, notebooks_dir, salt)
     log(format_plan(exp, planned, exp_dir))
     params_file = prepare_output(exp_dir, resolved_params_text(params.with_absolute_paths(exp), note))
@@ -329,7 +319,7 @@ def run_experiment(
     return report
 
 
-def run(
+def run_file(
     params_path: str | os.PathLike[str],
     only: Sequence[str] | None = None,
     overrides: dict[str, Any] | None = None,

@@ -13,9 +13,11 @@ import torch.multiprocessing as mp
 from helpers import free_port, set_rank_env
 from scipy.stats import norm
 
-from rslib import certify_run, train
-from rslib.certify import Smooth, certified_accuracy
+from rslib import certify_stage, metrics, train
+from rslib.certify import Smooth
 from rslib.data import load_dataset, subset
+from rslib.lbound import LBOUND_COLUMNS
+from rslib.metrics import certified_accuracy
 from rslib.params import ParamsError, validate
 
 SKIP = 15                     # digits test split: 450 images -> 30 selected
@@ -57,7 +59,7 @@ def trained(tmp_path_factory, one_thread):
     folder = tmp_path_factory.mktemp("certify") / "reference"
     exp = experiment("reference")
     train.fit(exp, folder, progress=False, log=quiet)
-    csv = certify_run.certify_experiment(exp, folder, progress=False, log=quiet)
+    csv = certify_stage.certify_experiment(exp, folder, progress=False, log=quiet)
     return folder / "checkpoints" / "model.pt", csv
 
 
@@ -95,7 +97,7 @@ class Counting:
 def interrupt_after_two_batches(exp, folder, monkeypatch) -> list[int]:
     counting = Counting(monkeypatch, fail_on=3)
     with pytest.raises(KeyboardInterrupt):
-        certify_run.certify_experiment(exp, folder, progress=False, log=quiet)
+        certify_stage.certify_experiment(exp, folder, progress=False, log=quiet)
     monkeypatch.setattr(Smooth, "certify", counting.real)
     assert not (folder / "results" / "certify.csv").exists()
     return counting.indices
@@ -106,7 +108,7 @@ def interrupt_after_two_batches(exp, folder, monkeypatch) -> list[int]:
 def test_certify_writes_one_row_per_selected_image(trained):
     csv = trained[1]
     table = pd.read_csv(csv)
-    assert list(table.columns) == certify_run.ROW_COLUMNS
+    assert list(table.columns) == certify_stage.ROW_COLUMNS
     assert table["idx"].tolist() == selection()
     assert (table["n"] == 500).all() and (table["n0"] == 100).all() and (table["alpha"] == 0.001).all()
     assert table["correct"].mean() > 0.5  # a 2-epoch model is far better than chance (0.1)
@@ -130,7 +132,7 @@ def test_finished_certification_is_not_repeated(trained, monkeypatch):
     stamp = trained[1].stat().st_mtime_ns
     counting = Counting(monkeypatch)
     exp = validate({**experiment("reference").to_dict(), "description": "edited text does not invalidate"})
-    assert certify_run.certify_experiment(exp, folder, progress=False, log=quiet) == trained[1]
+    assert certify_stage.certify_experiment(exp, folder, progress=False, log=quiet) == trained[1]
     assert counting.calls == [] and trained[1].stat().st_mtime_ns == stamp
 
 
@@ -143,7 +145,7 @@ def test_interrupted_certification_resumes_without_redoing_rows(trained, tmp_pat
     partial = tmp_path / "results" / ".certify.rank0.partial.csv"
     assert len(pd.read_csv(partial)) == 2 * IMAGES_PER_BATCH
     counting = Counting(monkeypatch)
-    csv = certify_run.certify_experiment(exp, tmp_path, progress=False, log=quiet)
+    csv = certify_stage.certify_experiment(exp, tmp_path, progress=False, log=quiet)
     assert counting.indices == selection()[2 * IMAGES_PER_BATCH:]
     pd.testing.assert_frame_equal(comparable(csv), comparable(trained[1]))
     assert not partial.exists()
@@ -156,7 +158,7 @@ def test_resume_with_another_number_of_processes(trained, tmp_path, monkeypatch)
     results = tmp_path / "results"
     (results / ".certify.rank0.partial.csv").rename(results / ".certify.rank1.partial.csv")
     counting = Counting(monkeypatch)
-    csv = certify_run.certify_experiment(exp, tmp_path, progress=False, log=quiet)
+    csv = certify_stage.certify_experiment(exp, tmp_path, progress=False, log=quiet)
     assert counting.indices == selection()[2 * IMAGES_PER_BATCH:]
     pd.testing.assert_frame_equal(comparable(csv), comparable(trained[1]))
     assert not list(results.glob(".certify*"))
@@ -176,7 +178,7 @@ def test_torn_and_corrupt_partial_lines_are_recertified(trained, tmp_path, monke
     damaged = [selection()[i] for i in (3, 5, 15)]
     logs: list[str] = []
     counting = Counting(monkeypatch)
-    csv = certify_run.certify_experiment(exp, tmp_path, progress=False, log=logs.append)
+    csv = certify_stage.certify_experiment(exp, tmp_path, progress=False, log=logs.append)
     assert sorted(counting.indices) == sorted(damaged + selection()[2 * IMAGES_PER_BATCH:])
     assert any("torn or unreadable" in line for line in logs)
     pd.testing.assert_frame_equal(comparable(csv), comparable(trained[1]))
@@ -184,12 +186,12 @@ def test_torn_and_corrupt_partial_lines_are_recertified(trained, tmp_path, monke
 
 def test_read_partial_tolerates_garbage(tmp_path):
     path = tmp_path / "p.csv"
-    assert certify_run.read_partial(path)[0].empty
+    assert certify_stage.certify_table(tmp_path).read_partial(path)[0].empty
     path.write_text("idx,lab")
-    rows, clean = certify_run.read_partial(path)
+    rows, clean = certify_stage.certify_table(tmp_path).read_partial(path)
     assert rows.empty and not clean
     path.write_bytes(b"\x00\xff garbage\n1,2,3\n")
-    rows, clean = certify_run.read_partial(path)
+    rows, clean = certify_stage.certify_table(tmp_path).read_partial(path)
     assert rows.empty and not clean
 
 
@@ -197,7 +199,7 @@ def test_read_partial_tolerates_garbage(tmp_path):
 
 def _worker(rank: int, world: int, port: int, raw: dict, out: str) -> None:
     set_rank_env(rank, world, port)
-    certify_run.certify_experiment(validate(raw), out, progress=False, log=quiet)
+    certify_stage.certify_experiment(validate(raw), out, progress=False, log=quiet)
     torch.distributed.destroy_process_group()
 
 
@@ -216,7 +218,7 @@ def test_changed_parameters_discard_stale_partials(trained, tmp_path, monkeypatc
     interrupt_after_two_batches(with_checkpoint(trained), tmp_path, monkeypatch)
     logs: list[str] = []
     counting = Counting(monkeypatch)
-    csv = certify_run.certify_experiment(with_checkpoint(trained, n=400), tmp_path, progress=False,
+    csv = certify_stage.certify_experiment(with_checkpoint(trained, n=400), tmp_path, progress=False,
                                          log=logs.append)
     assert counting.indices == selection()
     assert any("discarding 1 partial" in line for line in logs)
@@ -225,9 +227,9 @@ def test_changed_parameters_discard_stale_partials(trained, tmp_path, monkeypatc
 
 
 def test_changed_parameters_recertify_a_finished_result(trained, tmp_path, monkeypatch):
-    certify_run.certify_experiment(with_checkpoint(trained, n=300), tmp_path, progress=False, log=quiet)
+    certify_stage.certify_experiment(with_checkpoint(trained, n=300), tmp_path, progress=False, log=quiet)
     counting = Counting(monkeypatch)
-    csv = certify_run.certify_experiment(with_checkpoint(trained, n=200), tmp_path, progress=False, log=quiet)
+    csv = certify_stage.certify_experiment(with_checkpoint(trained, n=200), tmp_path, progress=False, log=quiet)
     assert counting.indices == selection() and (pd.read_csv(csv)["n"] == 200).all()
 
 
@@ -235,9 +237,9 @@ def test_changed_parameters_recertify_a_finished_result(trained, tmp_path, monke
 
 def test_deterministic_model_gets_the_approximate_lbound(trained, tmp_path):
     exp = with_checkpoint(trained, deterministic=True, n=100)
-    certify_run.certify_experiment(exp, tmp_path, progress=False, log=quiet)
-    table, meta, lbound = certify_run.read_results(tmp_path)
-    assert list(lbound.columns) == certify_run.LBOUND_COLUMNS
+    certify_stage.certify_experiment(exp, tmp_path, progress=False, log=quiet)
+    table, meta, lbound = certify_stage.read_results(tmp_path)
+    assert list(lbound.columns) == LBOUND_COLUMNS
     assert lbound["idx"].tolist() == selection() and lbound["approximate"].all() and (lbound["norm"] == "l2").all()
     np.testing.assert_allclose(lbound["radius"], 0.25 * math.sqrt(math.pi / 2) * lbound["margin"], rtol=1e-6)
     assert ((lbound["margin"] >= 0) & (lbound["margin"] <= 1)).all()
@@ -252,19 +254,19 @@ def test_deterministic_model_gets_the_approximate_lbound(trained, tmp_path):
 def test_lbound_needs_gaussian_noise(trained, tmp_path):
     raw = {**with_checkpoint(trained, deterministic=True).to_dict(), "noise": {"name": "Laplace", "sigma": 0.25}}
     with pytest.raises(ValueError, match="certify.deterministic"):
-        certify_run.certify_experiment(validate(raw), tmp_path, progress=False, log=quiet)
+        certify_stage.certify_experiment(validate(raw), tmp_path, progress=False, log=quiet)
 
 
 def test_missing_checkpoint_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the train stage first"):
-        certify_run.certify_experiment(experiment(), tmp_path, progress=False, log=quiet)
+        certify_stage.certify_experiment(experiment(), tmp_path, progress=False, log=quiet)
 
 
 # --- curves and parameters -----------------------------------------------------------------------
 
 def test_accuracy_curves_are_the_exact_step_function(trained):
     table = pd.read_csv(trained[1])
-    curves = certify_run.accuracy_curves(table)
+    curves = metrics.accuracy_curves(table)
     for label, part in curves.groupby("norm"):
         assert part["radius"].iloc[0] == 0 and part["certified_accuracy"].iloc[0] == table["correct"].mean()
         assert part["certified_accuracy"].iloc[-1] == 0 and part["certified_accuracy"].is_monotonic_decreasing

@@ -21,11 +21,11 @@ import torch
 import torch.multiprocessing as mp
 from helpers import free_port, set_rank_env
 
-from rslib import attack_run, train
+from rslib import attack_stage, metrics, train
 from rslib.data import load_dataset, subset
 from rslib.lbound import COLUMNS as LBOUND_COLUMNS
 from rslib.params import ParamsError, load, validate
-from rslib.run import run
+from rslib.runner import run_file as run
 
 PARAMS = Path(__file__).resolve().parents[1] / "params" / "demo" / "attack.yaml"
 SKIP = 45                     # digits test split: 450 images -> 10 selected
@@ -33,7 +33,7 @@ TINY = {"device": "cpu", "train.epochs": 5, "attack.skip": SKIP, "attack.images_
         "attack.ddn_steps": 40, "attack.pgd_steps": 8, "attack.search_steps": 5, "attack.draws": 4,
         "attack.judge_n": 100}
 BASE_TRAIN = {"train.mode": "standard"}
-ATTACK_BATCH = attack_run.attack_batch
+ATTACK_BATCH = attack_stage.attack_batch
 HEAT_TRAIN = {"train.mode": "heat", "train.heat_base": "atk_base", "train.epochs": 3, "train.heat_steps": 2,
               "train.heat_draws": 2}
 
@@ -103,11 +103,11 @@ def test_attack_notebook_writes_consistent_results(attacked, model):
     tables = {}
     for name in ("ddn", "pgd"):
         table = pd.read_csv(results / f"attack_{name}.csv")
-        assert list(table.columns) == attack_run.ROW_COLUMNS
+        assert list(table.columns) == attack_stage.ROW_COLUMNS
         assert table["idx"].tolist() == chosen and table["label"].tolist() == labels
         assert (table["attack"] == name).all()
         ok = table["success"].to_numpy(dtype=bool)
-        distances = table[list(attack_run.DISTANCES)].to_numpy(dtype=float)
+        distances = table[list(attack_stage.DISTANCES)].to_numpy(dtype=float)
         assert np.isinf(distances[~ok]).all(), "a failure must be recorded with distance inf"
         assert np.isfinite(distances[ok]).all() and (distances[ok] >= 0).all()
         assert ok.mean() >= 0.5  # small digits models are not robust at these budgets
@@ -166,13 +166,13 @@ def _direct(base_model: Path, **attack) -> object:
 
 
 class Counting:
-    """Wraps attack_run.attack_batch: records (attack, first index) per call; raises on call ``fail_on``."""
+    """Wraps attack_stage.attack_batch: records (attack, first index) per call; raises on call ``fail_on``."""
 
     def __init__(self, monkeypatch, fail_on: int | None = None):
         self.real = ATTACK_BATCH
         self.calls: list[tuple[str, int]] = []
         self.fail_on = fail_on
-        monkeypatch.setattr(attack_run, "attack_batch", self)
+        monkeypatch.setattr(attack_stage, "attack_batch", self)
 
     def __call__(self, name, model, x, y, *args, **kwargs):
         if self.fail_on is not None and len(self.calls) + 1 == self.fail_on:
@@ -183,15 +183,15 @@ class Counting:
 
 def test_interrupted_attack_resumes_and_finished_attacks_are_reused(tmp_path, base_model, monkeypatch):
     exp = _direct(base_model)
-    reference = attack_run.attack_experiment(exp, tmp_path / "reference", progress=False, log=quiet)
+    reference = attack_stage.attack_experiment(exp, tmp_path / "reference", progress=False, log=quiet)
     folder = tmp_path / "resumed"
     counting = Counting(monkeypatch, fail_on=3)   # DDN: chunks of 4, 4, 2 -> dies on the third
     with pytest.raises(KeyboardInterrupt):
-        attack_run.attack_experiment(exp, folder, progress=False, log=quiet)
+        attack_stage.attack_experiment(exp, folder, progress=False, log=quiet)
     assert not (folder / "results" / "attack_ddn.csv").exists()
     assert len(list((folder / "results").glob(".attack_ddn.rank0.partial.csv"))) == 1
     counting = Counting(monkeypatch)
-    out = attack_run.attack_experiment(exp, folder, progress=False, log=quiet)
+    out = attack_stage.attack_experiment(exp, folder, progress=False, log=quiet)
     assert counting.calls == [("ddn", 2), ("pgd", 4), ("pgd", 4), ("pgd", 2)]
     assert not list((folder / "results").glob(".attack_*"))
     for name in ("ddn", "pgd"):
@@ -199,22 +199,22 @@ def test_interrupted_attack_resumes_and_finished_attacks_are_reused(tmp_path, ba
 
     # finished and unchanged: nothing is attacked again; a DDN setting re-runs DDN only
     counting = Counting(monkeypatch)
-    attack_run.attack_experiment(exp, folder, progress=False, log=quiet)
+    attack_stage.attack_experiment(exp, folder, progress=False, log=quiet)
     assert counting.calls == []
-    attack_run.attack_experiment(_direct(base_model, ddn_steps=30), folder, progress=False, log=quiet)
+    attack_stage.attack_experiment(_direct(base_model, ddn_steps=30), folder, progress=False, log=quiet)
     assert [name for name, _ in counting.calls] == ["ddn"] * 3
 
 
 def _worker(rank: int, world: int, port: int, raw: dict, out: str) -> None:
     set_rank_env(rank, world, port)
-    attack_run.attack_experiment(validate(raw), out, progress=False, log=quiet)
+    attack_stage.attack_experiment(validate(raw), out, progress=False, log=quiet)
     torch.distributed.destroy_process_group()
 
 
 def test_two_gloo_processes_give_the_rows_of_one(tmp_path, base_model):
     """Chunks are seeded by content, so 2 ranks reproduce 1 process (smoothed target, vote judge)."""
     exp = _direct(base_model, target="smoothed", judge="vote", attacks=["ddn"], ddn_steps=20)
-    one = attack_run.attack_experiment(exp, tmp_path / "one", progress=False, log=quiet)
+    one = attack_stage.attack_experiment(exp, tmp_path / "one", progress=False, log=quiet)
     mp.start_processes(_worker, args=(2, free_port(), exp.to_dict(), str(tmp_path / "two")), nprocs=2,
                        start_method="spawn")
     two = tmp_path / "two" / "results"
@@ -227,9 +227,9 @@ def test_distance_cdf_counts_failures_as_never_fooled():
     table = pd.DataFrame({"idx": range(4), "label": 1, "attack": "x", "success": [True, False, True, True],
                           "l0": 1.0, "l1": 1.0, "l2": [0.5, math.inf, 0.0, 0.5], "linf": 1.0})
     table.loc[1, ["l0", "l1", "linf"]] = math.inf
-    cdf = attack_run.distance_cdf({"x": table})
+    cdf = metrics.distance_cdf({"x": table})
     assert cdf["distance"].tolist() == [0.0, 0.5, 0.525] and cdf["fraction"].tolist() == [0.25, 0.75, 0.75]
-    stats = attack_run.summary({"x": table})
+    stats = metrics.attack_summary({"x": table})
     assert stats.loc["x", "success_rate"] == 0.75 and stats.loc["x", "median_l2"] == 0.5
     assert stats.loc["x", "misclassified_clean"] == 0.25
 

@@ -1,0 +1,232 @@
+"""The certify stage: Monte-Carlo certification of an experiment's test subset, sharded and resumable.
+
+``certify_experiment(experiment)`` certifies the chosen test subset (every ``certify.skip``-th test
+image, at most ``certify.max``) with ``rslib.certify.Smooth`` and returns ``results/certify.csv``
+(columns of ``Certificate.to_frame()``) with ``results/certify.json`` (parameters, noise, checkpoint,
+timing, summary, provenance). Rows are computed by ``rslib.resumable.run_sharded``: ``images_per_batch``
+images per call, appended per rank, resumed after an interruption, merged by rank 0; ``Smooth`` draws
+the noise of input ``i`` from its own stream seeded by ``(seed, i)``, so rows do not depend on
+batching, interruptions or the number of ranks. A finished table with the same parameter digest and
+checkpoint is reused.
+
+With ``certify.deterministic`` (a Gaussian-averaged model), rank 0 also writes HeatSmoothing's
+APPROXIMATE L-bound (``rslib.lbound.lbound_rows``) into ``results/lbound_certify.csv`` and times
+one-pass classification against Monte-Carlo prediction with ``n0`` draws.
+
+Under ``torchrun`` every rank runs it: ``torchrun --nproc_per_node N -m rslib stage certify PARAMS``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from rslib import distributed, layout, models
+from rslib.certify import COLUMNS, SELECTION_COLUMNS, SOURCE_COLUMNS, Smooth
+from rslib.data import batch_of, load_dataset, subset
+from rslib.io import atomic_write_text, file_sha256, provenance, read_json_dict
+from rslib.lbound import LBOUND_COLUMNS, lbound_rows
+from rslib.metrics import certified_accuracy, certify_summary, certify_timing, lbound_as_table
+from rslib.noises import NORM_LABELS, Noise
+from rslib.params import Experiment
+from rslib.resumable import RowSchema, ShardedTable, run_sharded, table_text
+
+#: Columns of ``results/certify.csv``: exactly those of ``Certificate.to_frame()``.
+ROW_COLUMNS = COLUMNS + SOURCE_COLUMNS + SELECTION_COLUMNS
+_AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+_INT = {"idx", "prediction", "count_top", "count_second", "n0", "n", "selected"}
+_FLOAT = {"alpha", "prob_lb", "radius_l1", "radius_l2", "radius_linf", "seconds_predict", "seconds_certify"}
+_BOOL = {"correct", "in_selection"}
+_SOURCES = {*NORM_LABELS, "none"}
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _parse_field(column: str, text: str) -> Any:
+    if column in _INT:
+        return int(text)
+    if column == "label":
+        return pd.NA if text == "" else int(text)
+    if column in _FLOAT:
+        value = float(text)
+        if math.isnan(value):
+            raise ValueError(f"{column} is NaN")
+        return value
+    if column in _BOOL:
+        return {"True": True, "False": False, "": pd.NA}[text]
+    if text not in _SOURCES:
+        raise ValueError(f"{column}: unknown source norm {text!r}")
+    return text
+
+
+def _parse_row(fields: list[str]) -> list[Any]:
+    if len(fields) != len(ROW_COLUMNS):
+        raise ValueError("wrong number of fields")
+    return [_parse_field(c, v) for c, v in zip(ROW_COLUMNS, fields, strict=True)]
+
+
+def rows_frame(rows: Iterable[Sequence[Any]] = ()) -> pd.DataFrame:
+    """Parsed rows as a frame with ``Certificate.to_frame()``'s columns and dtypes."""
+    frame = pd.DataFrame(list(rows), columns=ROW_COLUMNS)
+    types = {c: "int64" for c in _INT} | {c: "float64" for c in _FLOAT} | {c: "boolean" for c in _BOOL}
+    types |= {"label": "Int64"} | {c: "object" for c in SOURCE_COLUMNS}
+    return frame.astype(types)
+
+
+SCHEMA = RowSchema(ROW_COLUMNS, _parse_row, rows_frame)
+
+
+def certify_table(results: Path) -> ShardedTable:
+    """The sharded table ``results/certify.csv``."""
+    return ShardedTable(results, layout.CERTIFY_TABLE, SCHEMA)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _check(experiment: Experiment, num_classes: int) -> None:
+    spec = experiment.certify
+    if spec.topk >= num_classes:
+        raise ValueError(f"certify.topk must be < the number of classes ({num_classes}); got {spec.topk}")
+    if spec.deterministic and experiment.noise.name.lower() != "gaussian":
+        raise ValueError("certify.deterministic (the L-bound of a Gaussian-averaged model) needs noise.name "
+                         f"Gaussian; got {experiment.noise.name}")
+
+
+def _checkpoint(experiment: Experiment, output_dir: Path) -> tuple[Path, dict[str, Any]]:
+    checkpoint = layout.resolve_checkpoint(experiment.certify.checkpoint, output_dir)
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"no checkpoint to certify at {checkpoint}: run the train stage first "
+                                "(rslib run PARAMS --only train) or set certify.checkpoint to a .pt file or "
+                                "to the name of a sibling experiment")
+    info = layout.checkpoint_summary(checkpoint, file_sha256(checkpoint))
+    if info["dataset"] != experiment.data.dataset:
+        raise ValueError(f"{checkpoint} was trained on {info['dataset']!r} but data.dataset is "
+                         f"{experiment.data.dataset!r}")
+    return checkpoint, info
+
+
+def _lbound_finished(results: Path) -> Callable[[dict[str, Any]], bool]:
+    return lambda meta: not meta.get("lbound") or (results / layout.LBOUND_CERTIFY).exists()
+
+
+def certify_experiment(experiment: Experiment, output_dir: str | Path | None = None, *, progress: bool = True,
+                       log: Callable[[str], None] = print) -> Path:
+    """Certify the experiment's test subset (resuming, sharded under ``torchrun``); return certify.csv."""
+    if experiment.certify is None:
+        raise ValueError(f"experiment '{experiment.experiment}' has no certify section")
+    spec, data = experiment.certify, experiment.data
+    output_dir = layout.stage_output_dir(experiment, output_dir)
+    results = layout.results_dir(output_dir)
+    table = certify_table(results)
+    ctx = distributed.setup(experiment.device)
+    say = log if ctx.is_main else (lambda _: None)
+    num_classes = layout.num_classes(experiment)
+    _check(experiment, num_classes)
+    checkpoint, info = _checkpoint(experiment, output_dir)
+    guard = {"digest": experiment.stage_digest("certify"), "checkpoint_sha256": info["sha256"],
+             "device_type": ctx.device.type}
+    if table.finished(guard, _lbound_finished(results)):
+        say(f"certification already finished: {table.final}")
+        return table.final
+    started = time.perf_counter()
+    model = models.load(checkpoint, device=ctx.device)
+    noise = layout.experiment_noise(experiment)
+    smooth = Smooth(model, noise, num_classes, seed=experiment.seed, autocast=_AUTOCAST[spec.autocast],
+                    channels_last=spec.channels_last)
+    dataset = load_dataset(data.dataset, "test", data_dir=data.data_dir, download=data.download,
+                           seed=experiment.seed)
+    _, selection = subset(dataset, spec.skip, spec.max)
+    counter = {"images": 0, "tic": time.perf_counter()}
+
+    def certify_chunk(chunk: list[int]) -> tuple[pd.DataFrame, dict[str, str]]:
+        x, y = batch_of(dataset, chunk, ctx.device)
+        cert = smooth.certify(x, y, spec.n0, spec.n, spec.alpha, spec.batch_size, spec.topk, indices=chunk)
+        counter["images"] += len(chunk)
+        elapsed = max(time.perf_counter() - counter["tic"], 1e-9)
+        return cert.to_frame(), {"images/s": f"{counter['images'] / elapsed:.3g}",
+                                 "samples/s": f"{(spec.n0 + spec.n) * counter['images'] / elapsed:.3g}"}
+
+    def describe(remaining: int) -> str:
+        return (f"certifying {len(selection)} test images (skip {spec.skip}, max {spec.max}) on {ctx.world_size} "
+                f"process(es), device {ctx.device}: {remaining} to do; n0={spec.n0}, n={spec.n}, "
+                f"alpha={spec.alpha}, noise {noise!r}")
+
+    rows, fresh = run_sharded(table, ctx, selection, spec.images_per_batch, guard, certify_chunk, whole_chunks=False,
+                       progress=progress, log=log, describe=describe)
+    if rows is not None:
+        meta = _metadata(experiment, guard, noise, info, rows, selection, ctx,
+                         wall=time.perf_counter() - started, fresh=fresh)
+        if spec.deterministic:
+            meta["lbound"] = _write_lbound(model, dataset, selection, noise.sigma, spec, ctx.device, results,
+                                           meta["timing"]["seconds_predict_per_image"])
+        table.publish(table_text(rows), meta)
+        say(f"certified {len(rows)} images in {meta['timing']['wall_seconds']:.1f} s -> {table.final}")
+    ctx.barrier()
+    return table.final
+
+
+def _metadata(experiment: Experiment, guard: dict[str, str], noise: Noise, info: dict[str, Any],
+              rows: pd.DataFrame, selection: Sequence[int], ctx: distributed.Context, wall: float,
+              fresh: int) -> dict[str, Any]:
+    spec = experiment.certify
+    return {
+        "experiment": experiment.experiment, "guard": guard, "params": experiment.to_dict(),
+        "seed": experiment.seed, "noise": noise.spec(), "noise_description": repr(noise),
+        "checkpoint": info, "columns": ROW_COLUMNS,
+        "selection": {"split": "test", "skip": spec.skip, "max": spec.max, "images": len(selection)},
+        "world_size": ctx.world_size, "device": str(ctx.device),
+        "timing": {**certify_timing(rows, spec.n0, spec.n), "wall_seconds": wall,
+                   "images_certified_in_last_call": fresh,
+                   "wall_seconds_per_image": wall / fresh if fresh else None},
+        "summary": certify_summary(rows).reset_index().to_dict(orient="records"),
+        "accuracy_denominator": "all evaluated images (abstains count as failures)",
+        "lbound": None, "provenance": provenance(),
+    }
+
+
+def _write_lbound(model: torch.nn.Module, dataset, selection: Sequence[int], sigma: float, spec,
+                  device: torch.device, results: Path, monte_carlo_seconds: float) -> dict[str, Any]:
+    """``lbound_certify.csv`` (one clean forward per batch, after one warm-up pass) and its metadata."""
+    frames = []
+    for start in range(0, len(selection), spec.images_per_batch):
+        chunk = list(selection[start:start + spec.images_per_batch])
+        x, y = batch_of(dataset, chunk, device)
+        frames.append(lbound_rows(model, x, y, chunk, sigma, spec.topk, warm_up=start == 0))
+    lbound = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=LBOUND_COLUMNS)
+    atomic_write_text(results / layout.LBOUND_CERTIFY, table_text(lbound))
+    one_pass = float(lbound["seconds"].mean())
+    return {
+        "file": layout.LBOUND_CERTIFY, "approximate": True, "norm": "l2",
+        "formula": "R = sigma * sqrt(pi/2) * (p_top - p_runner_up) of the softmax outputs",
+        "note": "APPROXIMATE: holds for an exact Gaussian average; a trained averaged network only "
+                "approximates one. certify.csv holds the rigorous Monte-Carlo certificate.",
+        "certified_accuracy_r0": float(certified_accuracy(lbound_as_table(lbound), [0.0], "l2")[0]),
+        "seconds_per_image_one_pass": one_pass,
+        "seconds_per_image_monte_carlo_prediction": monte_carlo_seconds,
+        "monte_carlo_n0": spec.n0,
+        "speedup_one_pass_vs_monte_carlo": monte_carlo_seconds / one_pass if one_pass > 0 else math.inf,
+        "images_per_forward": spec.images_per_batch,
+    }
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """One ``certify.csv`` with its dtypes (labels may be missing, correctness nullable)."""
+    return pd.read_csv(path, dtype={"label": "Int64", "correct": "boolean", "in_selection": "boolean"})
+
+
+def read_results(output_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame | None]:
+    """(certify.csv rows, certify.json metadata, lbound_certify.csv rows or None) of a finished run."""
+    results = layout.results_dir(Path(output_dir))
+    final, metadata = layout.table_paths(results, layout.CERTIFY_TABLE)
+    meta = read_json_dict(metadata) or {}
+    lbound = pd.read_csv(results / layout.LBOUND_CERTIFY) if meta.get("lbound") else None
+    return read_table(final), meta, lbound
