@@ -33,8 +33,8 @@ from rslib.alma import alma
 from rslib.attacks import ddn, pgd_minimal
 from rslib.data import load_dataset
 from rslib.io import atomic_write_json, provenance
+from rslib.layout import FINAL_CHECKPOINT, checkpoints_dir
 from rslib.models import load
-from rslib.train import FINAL
 
 MODELS = {"baseline": "Baseline", "cohen": "Cohen (as a base model)", "heat": "Averaged (heat smoothing)"}
 RSLIB = ("rslib ddn", "rslib pgd", "rslib alma")
@@ -77,12 +77,15 @@ def inputs(model: nn.Module, every: int, seed: int) -> tuple[Tensor, Tensor]:
 def verified_l2(model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> Tensor:
     """l2 distances (float64) of the examples the model really misclassifies inside [0, 1]; else inf."""
     with torch.no_grad():
-        fooled = (model(x_adv).argmax(1) != y) & (x_adv.flatten(1).amin(1) >= 0) & (x_adv.flatten(1).amax(1) <= 1)
+        fooled = model(x_adv).argmax(1) != y
+    flat = x_adv.flatten(1)
+    fooled &= (flat.amin(1) >= 0) & (flat.amax(1) <= 1)
     size = (x_adv.double() - x.double()).flatten(1).norm(dim=1)
     return torch.where(fooled, size, torch.full_like(size, math.inf))
 
 
 def run(attack: Attack, model: nn.Module, x: Tensor, y: Tensor) -> dict:
+    """Time one attack (CPU and wall seconds) and verify its examples."""
     torch.manual_seed(0)
     cpu, wall = time.process_time(), time.perf_counter()
     x_adv = attack(model, x, y)
@@ -91,17 +94,21 @@ def run(attack: Attack, model: nn.Module, x: Tensor, y: Tensor) -> dict:
 
 
 def summary(l2: Tensor, cpu: float, wall: float) -> dict:
+    """Median (failures count as inf), success rate, seconds and the per-input distances."""
     return {"median_l2": float(l2.median()), "success_rate": float(torch.isfinite(l2).double().mean()),
             "cpu_s": cpu, "wall_s": wall, "l2": [float(v) for v in l2]}
 
 
 def compare(model: nn.Module, x: Tensor, y: Tensor) -> dict:
     """Every attack on (x, y), ``best`` over rslib's, and the verdict against adv-lib's best."""
-    rows = {name: run(attack, model, x, y) for name, attack in {**rslib_attacks(), **adv_lib_attacks()}.items()}
+    attacks = {**rslib_attacks(), **adv_lib_attacks()}
+    rows = {name: run(attack, model, x, y) for name, attack in attacks.items()}
+    theirs = [name for name in rows if name.startswith("adv-lib")]
     best = torch.tensor([rows[name]["l2"] for name in RSLIB], dtype=torch.float64).amin(0)
-    rows["rslib best"] = summary(best, sum(rows[n]["cpu_s"] for n in RSLIB), sum(rows[n]["wall_s"] for n in RSLIB))
-    reference = min((n for n in rows if n.startswith("adv-lib")), key=lambda n: rows[n]["median_l2"])
-    adv_min = torch.tensor([rows[n]["l2"] for n in rows if n.startswith("adv-lib")], dtype=torch.float64).amin(0)
+    rows["rslib best"] = summary(best, sum(rows[n]["cpu_s"] for n in RSLIB),
+                                 sum(rows[n]["wall_s"] for n in RSLIB))
+    reference = min(theirs, key=lambda n: rows[n]["median_l2"])
+    adv_min = torch.tensor([rows[n]["l2"] for n in theirs], dtype=torch.float64).amin(0)
     ratio = rows["rslib best"]["median_l2"] / rows[reference]["median_l2"]
     time_ratio = rows["rslib best"]["cpu_s"] / rows[reference]["cpu_s"]
     return {"inputs": len(x), "attacks": rows, "adv_lib_best": reference, "median_ratio": ratio,
@@ -118,14 +125,17 @@ def per_input(ours: Tensor, theirs: Tensor) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = ["| model | inputs | attack | median l2 | success | CPU s | wall s |", "|---|---|---|---|---|---|---|"]
+    """Markdown: every attack per model, then the verdict per model."""
+    lines = ["| model | inputs | attack | median l2 | success | CPU s | wall s |",
+             "|---|---|---|---|---|---|---|"]
     for name, res in results.items():
         for attack, row in res["attacks"].items():
-            lines.append(f"| {MODELS[name]} | {res['inputs']} | {attack} | {row['median_l2']:.4f} | "
+            lines.append(f"| {MODELS.get(name, name)} | {res['inputs']} | {attack} | {row['median_l2']:.4f} | "
                          f"{row['success_rate']:.3f} | {row['cpu_s']:.1f} | {row['wall_s']:.1f} |")
-    lines += ["", "| model | adv-lib best | best / it (median) | CPU ratio | target met |", "|---|---|---|---|---|"]
+    lines += ["", "| model | adv-lib best | best / it (median) | CPU ratio | target met |",
+              "|---|---|---|---|---|"]
     for name, res in results.items():
-        lines.append(f"| {MODELS[name]} | {res['adv_lib_best']} | {res['median_ratio']:.4f} | "
+        lines.append(f"| {MODELS.get(name, name)} | {res['adv_lib_best']} | {res['median_ratio']:.4f} | "
                      f"{res['cpu_ratio']:.2f} | {res['target_met']} |")
     return "\n".join(lines)
 
@@ -140,7 +150,7 @@ def main() -> None:
     torch.set_num_threads(1)
     results = {}
     for name in args.models.split(","):
-        model = load(Path(args.study) / name / "checkpoints" / FINAL)
+        model = load(checkpoints_dir(Path(args.study) / name) / FINAL_CHECKPOINT)
         x, y = inputs(model, args.every, args.seed)
         results[name] = compare(model, x, y)
         print(f"{name}: {len(x)} inputs, best/adv-lib best {results[name]['median_ratio']:.4f}, "
