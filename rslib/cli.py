@@ -11,7 +11,17 @@ from pathlib import Path
 from rslib import layout, models, params, study
 from rslib.checkpoint_import import INPUT_LAYERS, SOURCES, import_checkpoint
 from rslib.data import DATASETS
-from rslib.runner import RunError, RunReport, format_plan, plan, resolved_params_text, run_file
+from rslib.locks import LockHeld, lock_for_rank, sigterm_as_interrupt
+from rslib.runner import (
+    LockPolicy,
+    RunError,
+    RunReport,
+    format_plan,
+    plan,
+    resolved_params_text,
+    run_file,
+)
+from rslib.status import experiment_status, folder_experiments, format_status
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 #: ``rslib stage NAME``: module and function of each stage that runs without a notebook.
@@ -79,9 +89,24 @@ def _parser() -> argparse.ArgumentParser:
                           help="SmoothAdv only (required): normalize (NormalizeLayer) or center (InputCenterLayer), "
                                "by model folder as the SmoothAdv README lists")
     add("validate", "check a parameter file and show which stages would run or be skipped")
-    add("run", "execute the stage notebooks of an experiment or a study with papermill").add_argument(
-        "--force", action="store_true", help="re-run stages even if they finished"
-    )
+    run = add("run", "execute the stage notebooks of an experiment or a study with papermill")
+    run.add_argument("--force", action="store_true", help="re-run stages even if they finished")
+    run.add_argument("--wait", action="store_true",
+                     help="when another run holds an experiment (or the study's plots), wait for it, then skip "
+                          "what it finished (default: leave it to that run and exit with status 2)")
+    run.add_argument("--force-unlock", action="store_true",
+                     help="take the lock of a live run (only when you are sure it is dead, e.g. on a host that is "
+                          "gone); a lock whose process is gone is taken over without it")
+    status = commands.add_parser(
+        "status", help="per experiment and stage: finished, running (by whom, since when, rows done), failed "
+                       "(why) or not started",
+        description="Show the state of every stage of an experiment or study file, or of every experiment "
+                    "folder under --output-root when no file is given. Reads only; takes no lock.")
+    status.add_argument("params", nargs="?", help="experiment or study YAML file (default: every folder found)")
+    status.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a parameter, as for rslib run")
+    status.add_argument("--output-root", default="outputs", metavar="DIR", help="default: outputs")
+    status.add_argument("--notebooks-dir", metavar="DIR", help="stage notebooks folder (default: the checkout's)")
     return parser
 
 
@@ -121,6 +146,7 @@ def _study_summary(report: study.StudyReport) -> str:
         if result is not None:
             lines += [f"  {name}:", *_stage_lines(result, "    ")]
     lines += [f"  {name}: {why}" for name, why in report.blocked.items()]
+    lines += [f"  {name}: left to another run: {why}" for name, why in report.held.items()]
     if report.plots is not None:
         lines += ["  plots:", *_stage_lines(report.plots, "    ")]
     if report.plots_note:
@@ -129,8 +155,35 @@ def _study_summary(report: study.StudyReport) -> str:
     if produced:
         lines.append("figures and tables:")
         lines += [f"  {_shown(p)}" for p in produced]
-    lines.append("all stages finished" if report.ok else "SOME STAGES FAILED (see above); re-run to retry them")
+    if report.ok:
+        lines.append("all stages finished")
+    elif report.held and not report.blocked and all(r is None or r.ok for r in report.experiments.values()):
+        lines.append("OTHER RUNS HOLD SOME EXPERIMENTS (see above): they finish them; `rslib status` shows them, "
+                     "and `rslib run ... --wait` waits for them")
+    else:
+        lines.append("SOME STAGES FAILED (see above); re-run to retry them")
     return "\n".join(lines)
+
+
+def _status(args: argparse.Namespace, overrides: dict) -> int:
+    """``rslib status [PARAMS]``."""
+    root = args.output_root
+    if args.params is None:
+        rows = [s for exp, folder in folder_experiments(root)
+                for s in experiment_status(exp.experiment, folder, exp.stages)]
+    elif study.is_study(Path(args.params)):
+        loaded = study.load(args.params, **overrides)
+        out = study.study_dir(loaded, root)
+        rows = [s for e in loaded.experiments for s in experiment_status(
+            e.name, out / e.name, e.experiment.stages,
+            plan(e.experiment, None, False, out, args.notebooks_dir, loaded.salts[e.name]))]
+        rows += experiment_status(f"{loaded.name} (plots)", out, loaded.plots)
+    else:
+        exp = params.load(args.params, **overrides)
+        rows = experiment_status(exp.experiment, layout.experiment_dir(exp, root), exp.stages,
+                                 plan(exp, None, False, root, args.notebooks_dir))
+    print(format_status(rows))
+    return EXIT_OK
 
 
 def _run_study(args: argparse.Namespace, overrides: dict, only: list[str] | None) -> int:
@@ -142,9 +195,16 @@ def _run_study(args: argparse.Namespace, overrides: dict, only: list[str] | None
         return EXIT_OK
     print(study.format_plan(loaded, out, only, args.force, args.notebooks_dir, count))
     report = study.run_study(loaded, only, args.force, args.output_root, args.notebooks_dir, (index, count),
-                             progress=sys.stderr.isatty())
+                             progress=sys.stderr.isatty(), lock=_lock_policy(args))
     print(_study_summary(report))
-    return EXIT_OK if report.ok else EXIT_FAILED
+    if report.ok:
+        return EXIT_OK
+    failed = report.blocked or any(r is not None and not r.ok for r in report.experiments.values())
+    return EXIT_FAILED if failed or (report.plots is not None and not report.plots.ok) else EXIT_INVALID
+
+
+def _lock_policy(args: argparse.Namespace) -> LockPolicy:
+    return LockPolicy(wait=args.wait, force=args.force_unlock)
 
 
 def _resolve(path: str, name: str | None, overrides: dict) -> str:
@@ -173,7 +233,9 @@ def _run_stage(name: str, path: str, overrides: dict, output_dir: str | None, pr
                                  f"`rslib resolve {path} NAME > NAME.yaml` and pass that file")
     experiment = params.load(path, **overrides)
     module, function = _STAGE_FUNCTIONS[name]
-    getattr(importlib.import_module(module), function)(experiment, output_dir, progress=progress)
+    folder = layout.stage_output_dir(experiment, output_dir)
+    with lock_for_rank(folder):  # under torchrun, rank 0 holds the experiment for all ranks
+        getattr(importlib.import_module(module), function)(experiment, folder, progress=progress)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return EXIT_OK
@@ -199,28 +261,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "import-checkpoint":
         return _import_checkpoint(args)
     try:
-        overrides = dict(params.parse_override(o) for o in args.overrides)
-        if args.command == "resolve":
-            print(_resolve(args.params, args.experiment, overrides), end="")
-            return EXIT_OK
-        if args.command == "stage":
-            return _run_stage(args.stage, args.params, overrides, args.output_dir, not args.no_progress)
-        only = _only(args.only)
-        if study.is_study(Path(args.params)):
-            return _run_study(args, overrides, only)
-        if args.shard != "1/1":
-            raise params.ParamsError("--shard splits the experiments of a study; this file is one experiment")
-        if args.command == "validate":
-            exp = params.load(args.params, **overrides)
-            planned = plan(exp, only, False, args.output_root, args.notebooks_dir)
-            print(format_plan(exp, planned, layout.experiment_dir(exp, args.output_root)))
-            return EXIT_OK
-        report = run_file(
-            args.params, only=only, overrides=overrides, force=args.force,
-            output_root=args.output_root, notebooks_dir=args.notebooks_dir, progress=sys.stderr.isatty(),
-        )
+        with sigterm_as_interrupt():
+            return _command(args)
     except (params.ParamsError, RunError) as err:
         print(f"rslib: error: {err}", file=sys.stderr)
         return EXIT_INVALID
+    except LockHeld as held:
+        print(f"rslib: {held}", file=sys.stderr)
+        return EXIT_INVALID
+    except PermissionError as err:
+        print(f"rslib: error: {err}", file=sys.stderr)
+        return EXIT_INVALID
+
+
+def _command(args: argparse.Namespace) -> int:
+    """Run one command whose arguments parsed; errors propagate to ``main``."""
+    overrides = dict(params.parse_override(o) for o in args.overrides)
+    if args.command == "status":
+        return _status(args, overrides)
+    if args.command == "resolve":
+        print(_resolve(args.params, args.experiment, overrides), end="")
+        return EXIT_OK
+    if args.command == "stage":
+        return _run_stage(args.stage, args.params, overrides, args.output_dir, not args.no_progress)
+    only = _only(args.only)
+    if study.is_study(Path(args.params)):
+        return _run_study(args, overrides, only)
+    if args.shard != "1/1":
+        raise params.ParamsError("--shard splits the experiments of a study; this file is one experiment")
+    if args.command == "validate":
+        exp = params.load(args.params, **overrides)
+        planned = plan(exp, only, False, args.output_root, args.notebooks_dir)
+        print(format_plan(exp, planned, layout.experiment_dir(exp, args.output_root)))
+        return EXIT_OK
+    report = run_file(
+        args.params, only=only, overrides=overrides, force=args.force,
+        output_root=args.output_root, notebooks_dir=args.notebooks_dir, progress=sys.stderr.isatty(),
+        lock=_lock_policy(args),
+    )
     print(_summary(report))
     return EXIT_OK if report.ok else EXIT_FAILED

@@ -1,5 +1,11 @@
 """The notebook runner behind ``rslib run``: executes an experiment's stage notebooks with papermill
-into its folder (``rslib.layout``), skipping finished stages and marking each one done or failed."""
+into its folder (``rslib.layout``), skipping finished stages and marking each one done or failed.
+
+One experiment, one writer: the experiment folder is locked (``rslib.locks.FolderLock``) before any
+stage runs and released on every exit path; the stages are planned again under the lock, so a run
+that waited for another one skips what that run finished. Another run holding the folder raises
+``LockHeld`` naming it (``LockPolicy(wait=True)`` waits instead; ``force=True`` breaks a live lock).
+"""
 
 from __future__ import annotations
 
@@ -19,10 +25,27 @@ import yaml
 
 from rslib import layout, params
 from rslib.io import atomic_write_json, atomic_write_text, provenance, read_json_dict
+from rslib.locks import FolderLock
 
 
 class RunError(RuntimeError):
     """The run cannot start (e.g. a stage notebook is missing)."""
+
+
+@dataclass(frozen=True)
+class LockPolicy:
+    """What to do when another run holds a folder: wait until it is free, or break it (``force``)."""
+
+    wait: bool = False
+    force: bool = False
+
+    def lock(self, folder: Path, log: Callable[[str], None]) -> FolderLock:
+        """The folder's lock, acquired under this policy (a context manager that releases it)."""
+        return FolderLock(folder, notify=log).acquire(wait=self.wait, force=self.force)
+
+
+#: Refuse at once when another run holds the folder.
+REFUSE = LockPolicy()
 
 
 @dataclass(frozen=True)
@@ -304,18 +327,22 @@ def run_experiment(
     salt: str = "",
     note: str = "",
     progress: bool = False,
+    lock: LockPolicy = REFUSE,
 ) -> RunReport:
-    """Execute the (selected) stage notebooks of a validated experiment in order.
+    """Execute the (selected) stage notebooks of a validated experiment in order, holding its folder's lock.
 
     Finished stages whose marker matches the stage digest are skipped unless ``force``; the first
-    failing stage stops the experiment, its notebook kept as ``<stage>.failed.ipynb``.
+    failing stage stops the experiment, its notebook kept as ``<stage>.failed.ipynb``. Raises
+    ``rslib.locks.LockHeld`` when another run holds the folder (unless ``lock.wait``).
     """
     exp_dir = layout.experiment_dir(exp, output_root)
-    planned = plan(exp, only, force, output_root, notebooks_dir, salt)
-    log(format_plan(exp, planned, exp_dir))
-    params_file = prepare_output(exp_dir, resolved_params_text(params.with_absolute_paths(exp), note))
-    report = RunReport(exp.experiment, exp_dir)
-    execute_stages(planned, exp_dir, params_file, report, log, progress)
+    plan(exp, only, force, output_root, notebooks_dir, salt)  # invalid settings fail before anything is written
+    with lock.lock(exp_dir, log):
+        planned = plan(exp, only, force, output_root, notebooks_dir, salt)
+        log(format_plan(exp, planned, exp_dir))
+        params_file = prepare_output(exp_dir, resolved_params_text(params.with_absolute_paths(exp), note))
+        report = RunReport(exp.experiment, exp_dir)
+        execute_stages(planned, exp_dir, params_file, report, log, progress)
     return report
 
 
@@ -328,11 +355,14 @@ def run_file(
     notebooks_dir: str | os.PathLike[str] | None = None,
     log: Callable[[str], None] = print,
     progress: bool = False,
+    lock: LockPolicy = REFUSE,
 ) -> RunReport:
     """Validate an experiment file, then execute its (selected) stage notebooks in order.
 
-    Raises ``ParamsError`` or ``RunError`` before any output is written if the setup is invalid.
+    Raises ``ParamsError`` or ``RunError`` before any output is written if the setup is invalid,
+    ``LockHeld`` when another run holds the experiment.
     """
     exp = params.load(params_path, **(overrides or {}))
     note = ("Overrides: " + ", ".join(f"{k}={v!r}" for k, v in overrides.items())) if overrides else ""
-    return run_experiment(exp, only, force, output_root, notebooks_dir, log, note=note, progress=progress)
+    return run_experiment(exp, only, force, output_root, notebooks_dir, log, note=note, progress=progress,
+                          lock=lock)

@@ -43,6 +43,7 @@ import yaml
 
 from rslib import layout, params, runner
 from rslib.io import atomic_write_json, atomic_write_text, provenance
+from rslib.locks import LockHeld
 from rslib.noises import NORM_LABELS
 from rslib.params import ParamsError
 
@@ -428,6 +429,7 @@ class StudyReport:
     output_dir: Path
     experiments: dict[str, runner.RunReport | None] = field(default_factory=dict)
     blocked: dict[str, str] = field(default_factory=dict)
+    held: dict[str, str] = field(default_factory=dict)
     plots: runner.RunReport | None = None
     plots_note: str = ""
 
@@ -435,7 +437,8 @@ class StudyReport:
     def ok(self) -> bool:
         """True when every experiment of this run and the plots ran or were skipped as finished."""
         reports = [r for r in self.experiments.values() if r is not None]
-        return not self.blocked and all(r.ok for r in reports) and (self.plots is None or self.plots.ok)
+        return (not self.blocked and not self.held and all(r.ok for r in reports)
+                and (self.plots is None or self.plots.ok))
 
 
 def study_dir(study: Study, output_root: str | os.PathLike[str] = "outputs") -> Path:
@@ -528,13 +531,16 @@ def run_study(
     shard: tuple[int, int] = (1, 1),
     log: Callable[[str], None] = print,
     progress: bool = False,
+    lock: runner.LockPolicy = runner.REFUSE,
 ) -> StudyReport:
     """Run the study's experiments (those of ``shard``) in dependency order, then its plots.
 
     A failed experiment does not stop the others; experiments that need its model, when its training
-    did not finish, are reported as blocked.
-    The plot notebooks run when this call covers the whole study (no shard) or when every
-    experiment of the study has finished (the last shard to finish draws them).
+    did not finish, are reported as blocked. An experiment another run holds (``rslib.locks``) is
+    left to that run and reported in ``held`` (``lock.wait``: waited for, then its finished stages
+    are skipped). The plot notebooks run, under the study folder's lock, when this call covers the
+    whole study (no shard) or when every experiment of the study has finished (the last shard to
+    finish draws them; a shard that finds another one drawing them leaves it to that one).
     """
     check_only(study, only)
     out = study_dir(study, output_root)
@@ -554,9 +560,16 @@ def run_study(
             without_model.add(e.name)
             log(f"{e.name}: {report.blocked[e.name]}")
             continue
-        result = runner.run_experiment(e.experiment, stages, force, out, notebooks_dir, log,
-                                    study.salts[e.name], f"Experiment '{e.name}' of study '{study.name}'",
-                                    progress)
+        try:
+            result = runner.run_experiment(e.experiment, stages, force, out, notebooks_dir, log,
+                                           study.salts[e.name], f"Experiment '{e.name}' of study '{study.name}'",
+                                           progress, lock)
+        except LockHeld as held:
+            report.held[e.name] = str(held)
+            log(f"{e.name}: left to another run: {held}")
+            if not _trained(e, out, notebooks_dir, study.salts[e.name]):
+                without_model.add(e.name)
+            continue
         report.experiments[e.name] = result
         if any(r.name == "train" and r.status in ("failed", "not run") for r in result.stages):
             without_model.add(e.name)
@@ -564,18 +577,37 @@ def run_study(
         return report
     if not study.plots:
         return report
+    try:
+        with lock.lock(out, log):
+            _draw_plots(study, report, only, force, notebooks_dir, shard, params_file, log, progress)
+    except LockHeld as held:
+        report.plots_note = f"the plots are left to another run, which is drawing them: {held.holder.describe()}"
+        log(report.plots_note)
+    return report
+
+
+def _trained(e: StudyExperiment, out: Path, notebooks_dir: str | os.PathLike[str] | None, salt: str) -> bool:
+    """Whether the experiment has no train stage or its training finished with the current parameters."""
+    planned = runner.plan(e.experiment, None, False, out, notebooks_dir, salt)
+    return all(p.action == "skip" for p in planned if p.name == "train")
+
+
+def _draw_plots(study: Study, report: StudyReport, only: Sequence[str] | None, force: bool,
+                notebooks_dir: str | os.PathLike[str] | None, shard: tuple[int, int], params_file: Path,
+                log: Callable[[str], None], progress: bool) -> None:
+    """Run the plot notebooks that are not up to date (caller holds the study folder's lock)."""
+    out = report.output_dir
     if shard[1] > 1 and not all_finished(study, out, notebooks_dir):
         report.plots_note = (f"plots wait for the other shards: once all have finished, run "
                              f"`rslib run {study.source} --only plots`")
         log(report.plots_note)
-        return report
+        return
     plotted = plan_plots(study, out, force, notebooks_dir)
     if only is not None and "plots" not in only:
         plotted = [p for p in plotted if p.name in only]
     report.plots = runner.RunReport(f"{study.name} (plots)", out)
     for stage in plotted:  # each plot notebook is independent: one failing does not stop the other
         runner.execute_stages([stage], out, params_file, report.plots, log, progress)
-    return report
 
 
 def produced_files(out: Path) -> list[Path]:
