@@ -45,7 +45,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from rslib import distributed, layout, models
+from rslib.alma import alma
 from rslib.attacks import (
     FRAME_COLUMNS,
     AttackResult,
@@ -73,7 +74,7 @@ from rslib.io import (
     read_json_dict,
 )
 from rslib.lbound import test_statistics
-from rslib.metrics import attack_summary
+from rslib.metrics import BEST, attack_summary, best_over_attacks
 from rslib.noises import Noise
 from rslib.params import Experiment
 from rslib.resumable import RowSchema, ShardedTable, finished_table, run_sharded, table_text
@@ -84,10 +85,11 @@ ROW_COLUMNS = list(FRAME_COLUMNS)
 PARTIAL_COLUMNS = [*ROW_COLUMNS, "seconds"]
 DISTANCES = ("l0", "l1", "l2", "linf")
 #: Stream ids of the per-chunk generators (one per task).
-_TASK_IDS = {"ddn": 1, "pgd": 2, "lbound": 3}
+_TASK_IDS = {"ddn": 1, "pgd": 2, "lbound": 3, "alma": 4}
 #: Attack fields that only matter to one task (left out of the other tasks' digests).
 _ONLY = {"ddn": ("ddn_steps", "ddn_init_norm", "ddn_gamma"),
          "pgd": ("norm", "eps_max", "pgd_steps", "search_steps"),
+         "alma": ("alma_steps", "alma_restarts"),
          "lbound": ("lbound_topk", "lbound_draws")}
 #: Attack fields that only matter to smoothed targets.
 _SMOOTHED_ONLY = ("draws", "fresh_draws", "judge", "judge_n", "judge_alpha", "batch_size", "lbound_draws")
@@ -182,10 +184,10 @@ def make_judge(model: nn.Module, noise: Noise, num_classes: int, spec, seed: int
 
 def attack_batch(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec, noise: Noise,
                  num_classes: int, seed: int) -> AttackResult:
-    """Run attack ``name`` ('ddn' or 'pgd') of ``spec`` (an ``AttackParams``) on one batch.
+    """Run attack ``name`` ('ddn', 'pgd' or 'alma') of ``spec`` (an ``AttackParams``) on one batch.
 
     ``seed`` seeds this batch's generators (noise draws of the smoothed soft classifier, the judge's
-    draws, DDN's random directions at zero gradients).
+    draws, DDN's random directions at zero gradients, ALMA's random starts).
     """
     device = x.device
     generators = [torch.Generator(device=device).manual_seed((seed * 3 + s) % (2**63 - 1)) for s in range(3)]
@@ -199,7 +201,10 @@ def attack_batch(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     if name == "pgd":
         return pgd_minimal(target, x, y, spec.norm, spec.eps_max, search_steps=spec.search_steps,
                            steps=spec.pgd_steps, judge=judge)
-    raise ValueError(f"unknown attack {name!r}; expected 'ddn' or 'pgd'")
+    if name == "alma":
+        return alma(target, x, y, steps=spec.alma_steps, restarts=spec.alma_restarts, judge=judge,
+                    generator=generators[2])
+    raise ValueError(f"unknown attack {name!r}; expected 'ddn', 'pgd' or 'alma'")
 
 
 # --------------------------------------------------------------------------- the run
@@ -218,6 +223,9 @@ def _settings(name: str, spec) -> dict[str, Any]:
     if name == "ddn":
         return {"method": "DDN (Rony et al. 2019), smallest successful perturbation kept", "norm": "l2",
                 "steps": spec.ddn_steps, "init_norm": spec.ddn_init_norm, "gamma": spec.ddn_gamma}
+    if name == "alma":
+        return {"method": "ALMA (Rony et al. 2021, augmented Lagrangian, P2 penalty), smallest success over "
+                          "restarts", "norm": "l2", "steps": spec.alma_steps, "restarts": spec.alma_restarts}
     return {"method": "PGD, minimal-distance mode (bisection over the budget)", "norm": spec.norm,
             "eps_max": spec.eps_max, "steps": spec.pgd_steps, "search_steps": spec.search_steps,
             "step_size": "2.5 * eps / steps", "precision": spec.eps_max / 2**spec.search_steps}
@@ -323,6 +331,15 @@ class _AttackSetup:
         ctx.barrier()
         return table.final
 
+    def best(self, finished: Mapping[str, Path]) -> Path:
+        """Rank 0: ``attack_best.csv``, per input the smallest l2 distance any attack found (``found_by``)."""
+        path = result_path(self.results, BEST)
+        if self.ctx.is_main:
+            table = best_over_attacks({name: read_table(finished[name]) for name in self.spec.attacks})
+            atomic_write_text(path, table_text(table[[*ROW_COLUMNS, "found_by"]]))
+        self.ctx.barrier()
+        return path
+
     # ----------------------------------------------------------------------- L-bound statistics
 
     def lbound(self) -> Path:
@@ -397,6 +414,8 @@ def attack_experiment(experiment: Experiment, output_dir: str | Path | None = No
     setup = _AttackSetup(experiment, output_dir, ctx, progress, log)
     setup.results.mkdir(parents=True, exist_ok=True)
     outputs = {name: setup.attack(name) for name in experiment.attack.attacks}
+    if len(experiment.attack.attacks) > 1:
+        outputs[BEST] = setup.best(outputs)
     outputs["lbound"] = setup.lbound()
     outputs["metadata"] = setup.write_metadata(started)
     ctx.barrier()
@@ -415,6 +434,8 @@ def read_results(output_dir: str | Path) -> tuple[dict[str, pd.DataFrame], dict[
     results = layout.results_dir(Path(output_dir))
     meta = read_json_dict(results / layout.ATTACK_SUMMARY) or {}
     names = list(meta.get("attacks", {})) or attack_names_present(results)
+    if len(names) > 1 and result_path(results, BEST).exists():
+        names.append(BEST)
     tables = {name: read_table(result_path(results, name)) for name in names}
     return tables, meta, pd.read_csv(layout.table_paths(results, layout.LBOUND_TABLE)[0])
 

@@ -23,6 +23,8 @@ import pandas as pd
 from rslib.noises import NORM_LABELS
 
 MONTE_CARLO = "Monte Carlo (rigorous)"
+#: The name of the per-input minimum over attacks.
+BEST = "best"
 LBOUND_METHOD = "L-bound (approximate)"
 
 
@@ -230,3 +232,18 @@ def lbound_comparison(tables: Mapping[str, pd.DataFrame], lbound: pd.DataFrame) 
     frame["attack_l2"] = frame["attack_l2"].fillna(math.inf).astype(float)
     frame["lbound_exceeds_attack"] = frame["correct"].astype(bool) & (frame["lbound"] > frame["attack_l2"])
     return frame
+
+
+def best_over_attacks(tables: Mapping[str, pd.DataFrame], norm: str = "l2") -> pd.DataFrame:
+    """Per input, the row of the attack that found the smallest ``norm`` distance, named :data:`BEST`.
+
+    An attack evaluation is an upper bound on robustness, so the tightest bound per input is the
+    minimum over attacks. ``found_by`` names the attack (the first in ``tables`` order on ties;
+    ``none`` when every attack failed, and then the row is a failure with distances ``inf``).
+    """
+    order = {name: i for i, name in enumerate(tables)}
+    rows = pd.concat([table.assign(found_by=name) for name, table in tables.items()], ignore_index=True)
+    rows = rows.assign(order=rows["found_by"].map(order)).sort_values(["idx", norm, "order"], kind="stable")
+    best = rows.drop_duplicates("idx", keep="first").drop(columns="order").reset_index(drop=True)
+    best.loc[~best["success"].astype(bool), "found_by"] = "none"
+    return best.assign(attack=BEST)

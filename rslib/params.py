@@ -211,7 +211,7 @@ class CertifyParams:
 
 @dataclass(frozen=True)
 class AttackParams:
-    """Adversarial attacks (DDN, PGD) on the test subset; see ``rslib.attack_stage``.
+    """Adversarial attacks (DDN, PGD, ALMA) on the test subset; see ``rslib.attack_stage``.
 
     ``target``: 'base' attacks the model as a plain classifier (a heat-averaged model is one: it is
     deterministic); 'smoothed' attacks the randomized-smoothing classifier: the loss is taken on
@@ -221,7 +221,10 @@ class AttackParams:
     ``judge_n`` draws). ``batch_size`` counts noise samples per forward of the judge.
     PGD runs in minimal-distance mode in ``norm``: a bisection over the budget in
     ``[0, eps_max]`` (``search_steps`` rounds of ``pgd_steps`` steps). DDN (l2) runs ``ddn_steps``
-    steps from the norm ``ddn_init_norm`` with the norm step ``ddn_gamma``.
+    steps from the norm ``ddn_init_norm`` with the norm step ``ddn_gamma``. ALMA (l2, Rony et al. 2021)
+    runs ``alma_restarts`` runs of ``alma_steps`` steps per input (the first from the input, the
+    others from random points around it) and keeps the smallest success. With several attacks, the
+    stage also writes ``best``: per input, the smallest l2 distance any attack found.
     ``skip``/``max``: every ``skip``-th test image, at most ``max``. ``checkpoint``: a ``.pt``
     path or a sibling experiment's name (default: this experiment's model). ``lbound.csv`` holds
     HeatSmoothing's test statistics with top-k margin ``lbound_topk``; for smoothed targets the
@@ -229,7 +232,7 @@ class AttackParams:
     """
 
     target: Literal["base", "smoothed"] = param("base")
-    attacks: list[Literal["ddn", "pgd"]] = param(["ddn", "pgd"], nonempty=True)
+    attacks: list[Literal["ddn", "pgd", "alma"]] = param(["ddn", "pgd", "alma"], nonempty=True)
     norm: Literal["l2", "linf", "l1"] = param("l2")
     eps_max: float = param(4.0, gt=0)
     pgd_steps: int = param(20, ge=1)
@@ -237,6 +240,8 @@ class AttackParams:
     ddn_steps: int = param(100, ge=1)
     ddn_init_norm: float = param(1.0, gt=0)
     ddn_gamma: float = param(0.05, gt=0, lt=1)
+    alma_steps: int = param(500, ge=1)
+    alma_restarts: int = param(2, ge=1)
     draws: int = param(16, ge=1)
     fresh_draws: bool = param(True)
     judge: Literal["predict", "vote"] = param("predict")

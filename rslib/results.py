@@ -102,11 +102,13 @@ class StudyExperiment:
 
     @property
     def attack_names(self) -> list[str]:
-        """``attack.attacks``, else the ``attack_<name>.csv`` files present."""
-        names = self.section("attack").get("attacks")
-        if names:
-            return list(names)
-        return attack_stage.attack_names_present(self.results)
+        """``attack.attacks`` (and ``best`` when there are several), else the ``attack_<name>.csv`` files present."""
+        names = list(self.section("attack").get("attacks") or [])
+        if not names:
+            return attack_stage.attack_names_present(self.results)
+        if len(names) > 1 and attack_stage.result_path(self.results, metrics.BEST).exists():
+            names.append(metrics.BEST)
+        return names
 
     def describe(self) -> dict[str, Any]:
         """The columns that identify this experiment in every study table."""
@@ -516,7 +518,7 @@ def not_certified(study: Study, cert_tables: Mapping[str, pd.DataFrame],
 
 
 def _search_norm(exp: StudyExperiment, attack: str) -> str:
-    return "l2" if attack == "ddn" else str(exp.section("attack").get("norm", "l2"))
+    return str(exp.section("attack").get("norm", "l2")) if attack == "pgd" else "l2"
 
 
 def attack_summary(study: Study, tables: Mapping[tuple[str, str], pd.DataFrame]) -> pd.DataFrame:

@@ -124,7 +124,7 @@ def test_attack_notebook_writes_consistent_results(attacked, model):
 
     # the CDF figure's data: fraction of ALL images fooled at distance <= r, failures never counted
     cdf = pd.read_csv(results / "attack_cdf.csv")
-    assert sorted(cdf["attack"].unique()) == ["ddn", "pgd"] and (cdf["norm"] == "l2").all()
+    assert sorted(cdf["attack"].unique()) == ["best", "ddn", "pgd"] and (cdf["norm"] == "l2").all()
     for name, table in tables.items():
         curve = cdf[cdf["attack"] == name]
         assert (curve["images"] == len(table)).all() and curve["fraction"].is_monotonic_increasing
@@ -251,6 +251,35 @@ def test_bad_attack_parameters_name_the_key(tmp_path, key, value):
 def test_attack_section_defaults():
     exp = validate({"experiment": "defaults", "stages": ["attack"]})
     spec = exp.attack
-    assert spec.target == "base" and spec.attacks == ["ddn", "pgd"] and spec.norm == "l2"
+    assert spec.target == "base" and spec.attacks == ["ddn", "pgd", "alma"] and spec.norm == "l2"
     assert spec.lbound_topk == 1 and spec.checkpoint is None and spec.max is None
     assert exp.data.dataset == "digits" and exp.noise.name == "Gaussian"
+
+
+def test_best_is_the_per_input_minimum_over_attacks():
+    inf = math.inf
+
+    def table(name, l2, success):
+        return pd.DataFrame({"idx": [0, 1, 2], "label": 1, "attack": name, "success": success,
+                             "l0": 1.0, "l1": 1.0, "l2": l2, "linf": 1.0})
+
+    best = metrics.best_over_attacks({"ddn": table("ddn", [0.5, inf, 0.3], [True, False, True]),
+                                      "alma": table("alma", [0.4, inf, 0.3], [True, False, True])})
+    assert best["l2"].tolist() == [0.4, inf, 0.3] and best["success"].tolist() == [True, False, True]
+    assert best["found_by"].tolist() == ["alma", "none", "ddn"] and (best["attack"] == "best").all()
+
+
+def test_alma_and_best_in_the_stage(tmp_path, base_model):
+    exp = _direct(base_model, attacks=["ddn", "pgd", "alma"], alma_steps=30, alma_restarts=2)
+    out = attack_stage.attack_experiment(exp, tmp_path, progress=False, log=quiet)
+    tables = {name: attack_stage.read_table(out[name]) for name in ("ddn", "pgd", "alma")}
+    best = pd.read_csv(out["best"])
+    expected = np.minimum.reduce([t["l2"].to_numpy(dtype=float) for t in tables.values()])
+    np.testing.assert_array_equal(best["l2"].to_numpy(dtype=float), expected)
+    assert best["success"].tolist() == [any(t["success"].iloc[i] for t in tables.values()) for i in range(len(best))]
+    for _, row in best[best["success"]].iterrows():
+        assert tables[row["found_by"]].set_index("idx").loc[row["idx"], "l2"] == row["l2"]
+    meta = json.loads((tmp_path / "results" / "attack.json").read_text())
+    assert meta["attacks"]["alma"]["settings"]["restarts"] == 2
+    loaded, _, _ = attack_stage.read_results(tmp_path)
+    assert sorted(loaded) == ["alma", "best", "ddn", "pgd"] and list(loaded)[-1] == "best"
