@@ -8,10 +8,17 @@ models, so smoothing noise is added in pixel space.
 name       image shape      classes  source
 =========  ===============  =======  ==================================================
 digits     (1, 8, 8)        10       scikit-learn's bundled 8x8 digits (no download)
-mnist      (1, 28, 28)      10       torchvision ``MNIST`` under ``data_dir``
+mnist      (1, 28, 28)      10       the idx files ``data_dir/MNIST/raw`` (torchvision layout)
 cifar10    (3, 32, 32)      10       the python-pickle batches under ``data_dir``
 imagenet   (3, 224, 224)    1000     ``ImageFolder`` trees ``data_dir/train``, ``data_dir/val``
 =========  ===============  =======  ==================================================
+
+``data_dir`` is the data root, set once: when it is not given it is the environment variable
+``RSLIB_DATA_DIR``, else ``./data`` (relative to the current directory), see :func:`default_data_dir`.
+
+MNIST and CIFAR-10 are decoded once into uint8 tensors held in memory (:class:`UInt8Images`); items
+are converted to float32 on access, with no PIL image per item. A decoded MNIST split is cached per
+process, keyed by its files' paths, sizes and modification times.
 
 Missing data raises :class:`DatasetNotFoundError` (a ``FileNotFoundError``) naming the dataset,
 the folder searched and how to obtain the data; unreadable data raises
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -81,6 +89,11 @@ CIFAR10_TEST_FILES = ("test_batch",)
 CIFAR10_META_FILE = "batches.meta"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
+
+#: The environment variable naming the data root when ``data_dir`` is not given.
+DATA_DIR_ENV = "RSLIB_DATA_DIR"
+#: The data root when neither ``data_dir`` nor ``RSLIB_DATA_DIR`` is given (relative to the current directory).
+DEFAULT_DATA_DIR = "data"
 
 MNIST_RAW_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -155,62 +168,163 @@ def _label_tensor(label: Any) -> torch.Tensor:
     return torch.tensor(int(label), dtype=torch.int64)
 
 
-def _require_data_dir(name: str, data_dir: str | os.PathLike[str] | None, how: str) -> Path:
-    if data_dir is None:
-        raise DatasetNotFoundError(
-            f"dataset '{name}' is read from a folder, but data.data_dir is not set: set data.data_dir "
-            f"to the folder that holds it ({how})"
-        )
-    return Path(data_dir).expanduser()
+def default_data_dir() -> Path:
+    """The data root used when ``data_dir`` is not given: ``$RSLIB_DATA_DIR``, else ``./data``."""
+    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser()
+
+
+def _root_hint(root: Path) -> str:
+    return (
+        f"the data root here is {root}; set data.data_dir (or the environment variable {DATA_DIR_ENV}, "
+        f"used when data_dir is not set; default ./{DEFAULT_DATA_DIR} in the folder rslib runs from) "
+        f"to the folder that holds the data"
+    )
+
+
+class UInt8Images(Dataset):
+    """Images held in memory as one uint8 tensor, served as float32 in [0, 1].
+
+    ``data`` (N, C, H, W) uint8 and ``targets`` (N,) int64 may be shared with a per-process cache:
+    treat them as read-only. Items are ``(image, label)``: float32 (C, H, W) in [0, 1] after
+    ``transform`` (a callable on that tensor), and a 0-dim int64 label.
+    """
+
+    def __init__(self, data: torch.Tensor, targets: torch.Tensor,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        if data.dtype != torch.uint8 or data.dim() != 4 or targets.shape != (len(data),):
+            raise ValueError(
+                f"UInt8Images needs uint8 data (N, C, H, W) and N targets; got {data.dtype} "
+                f"{tuple(data.shape)} and targets {tuple(targets.shape)}"
+            )
+        self.data = data
+        self.targets = targets.to(torch.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.data[index].to(torch.float32).div_(255.0)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index].clone()
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The items ``indices`` (the ``DataLoader``'s batched fetch): one gather, one conversion."""
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        images: Sequence[torch.Tensor] = self.data[index].to(torch.float32).div_(255.0).unbind(0)
+        if self.transform is not None:
+            images = [self.transform(image) for image in images]
+        return list(zip(images, self.targets[index].unbind(0), strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
 # MNIST
 # ---------------------------------------------------------------------------------------------
 
+_MNIST_LEGACY = {"train": "training.pt", "test": "test.pt"}  # torchvision < 0.9's MNIST/processed
 
-def _mnist_how(root: Path) -> str:
-    raw = root / "MNIST" / "raw"
+
+def _mnist_how(raw: Path) -> str:
+    files = MNIST_RAW_FILES["train"] + MNIST_RAW_FILES["test"]
     return (
-        f"pass data.download: true on a machine with internet access, or copy the four "
-        f"uncompressed files {', '.join(MNIST_RAW_FILES['train'] + MNIST_RAW_FILES['test'])} into {raw}"
+        f"pass data.download: true (it downloads the four MNIST files on a machine with internet "
+        f"access, or checks and extracts the original {', '.join(f + '.gz' for f in files)} already "
+        f"in {raw} without network access), or copy the four uncompressed files into {raw}; "
+        f"{_root_hint(raw.parent.parent)}"
     )
 
 
-def _load_mnist(root: Path | None, split: str, download: bool, augment: bool) -> Dataset:
-    from torchvision import datasets, transforms
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An idx file of unsigned bytes (magic 0x08 0x<ndim>) as a uint8 array of its stated shape."""
+    with open(path, "rb") as f:
+        header = f.read(4 * (ndim + 1))
+        body = np.fromfile(f, dtype=np.uint8)
+    if len(header) < 4 * (ndim + 1):
+        raise ValueError(f"the file is shorter than the {4 * (ndim + 1)}-byte header")
+    magic, *shape = struct.unpack(f">{ndim + 1}i", header)
+    if magic != 0x0800 + ndim:
+        raise ValueError(f"magic number {magic:#06x}, expected {0x0800 + ndim:#06x} (uint8, {ndim} dimensions)")
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"header says {shape} = {int(np.prod(shape))} bytes, the file holds {body.size}")
+    return body.reshape(shape)
 
-    root = _require_data_dir("mnist", root, "its MNIST/raw/*-ubyte files")
-    raw = root / "MNIST" / "raw"
-    needed = [raw / f for f in MNIST_RAW_FILES[split]]
-    legacy = root / "MNIST" / "processed"
-    has_legacy = (legacy / "training.pt").is_file() and (legacy / "test.pt").is_file()
-    if download and not has_legacy and not all(p.is_file() for p in needed):
-        try:
-            datasets.MNIST(str(root), train=split == "train", download=True)
-        except Exception as exc:  # network errors come in many types (URLError, HTTPError, ...)
-            raise DatasetNotFoundError(
-                f"dataset 'mnist': downloading into {raw} failed ({type(exc).__name__}: {exc}); "
-                f"{_mnist_how(root)}"
-            ) from exc
-    if not has_legacy:
-        missing = [p.name for p in needed if not p.is_file()]
-        if missing:
-            raise DatasetNotFoundError(
-                f"dataset 'mnist' ({split}) not found: searched {raw}, missing {', '.join(missing)}; "
-                f"{_mnist_how(root)}"
-            )
+
+def _decode_mnist_idx(images: Path, labels: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    pixels, digits = _read_idx(images, 3), _read_idx(labels, 1)
+    if pixels.shape[1:] != (28, 28):
+        raise ValueError(f"{images.name} holds {pixels.shape[1]}x{pixels.shape[2]} images, expected 28x28")
+    if len(digits) != len(pixels):
+        raise ValueError(f"{images.name} holds {len(pixels)} images but {labels.name} {len(digits)} labels")
+    return torch.from_numpy(pixels), torch.from_numpy(digits.astype(np.int64))
+
+
+def _decode_mnist_legacy(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    pixels, digits = torch.load(path, weights_only=True)
+    if pixels.dtype != torch.uint8 or pixels.shape[1:] != (28, 28) or digits.shape != (len(pixels),):
+        raise ValueError(f"expected uint8 images (N, 28, 28) and N labels; got {pixels.dtype} "
+                         f"{tuple(pixels.shape)} and {tuple(digits.shape)}")
+    return pixels, digits.to(torch.int64)
+
+
+@lru_cache(maxsize=4)
+def _decode_mnist(files: tuple[Path, ...], stamp: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split's images (N, 1, 28, 28) uint8 and labels (N,) int64, decoded once per process.
+
+    ``files``: the split's (images, labels) idx files, or torchvision's legacy ``.pt`` file;
+    ``stamp`` (their sizes and modification times) is part of the cache key, so a replaced file
+    is decoded again.
+    """
     try:
-        return datasets.MNIST(
-            str(root), train=split == "train", transform=transforms.ToTensor(),
-            target_transform=_label_tensor,
-        )
-    except (AssertionError, ValueError, RuntimeError, EOFError, OSError) as exc:
-        files = ", ".join(str(p) for p in needed)
+        pixels, digits = _decode_mnist_idx(*files) if len(files) == 2 else _decode_mnist_legacy(files[0])
+        if len(digits) and (int(digits.min()) < 0 or int(digits.max()) > 9):
+            raise ValueError(f"labels must lie in 0..9; found {int(digits.min())}..{int(digits.max())}")
+    except Exception as exc:
         raise DatasetCorruptError(
-            f"dataset 'mnist' ({split}): cannot read {files} as MNIST idx files "
-            f"({type(exc).__name__}: {exc}); delete them and download again"
+            f"dataset 'mnist': cannot read {', '.join(map(str, files))} as MNIST "
+            f"({type(exc).__name__}: {exc}); delete them and pass data.download: true"
         ) from exc
+    return pixels.unsqueeze(1), digits
+
+
+def _mnist_files(root: Path, split: str) -> tuple[Path, ...] | None:
+    """The files holding ``split``: the raw idx pair, else torchvision's legacy ``.pt``; None if neither."""
+    raw = tuple(root / "MNIST" / "raw" / name for name in MNIST_RAW_FILES[split])
+    if all(p.is_file() for p in raw):
+        return raw
+    legacy = root / "MNIST" / "processed"
+    if all((legacy / name).is_file() for name in _MNIST_LEGACY.values()):  # torchvision's own condition
+        return (legacy / _MNIST_LEGACY[split],)
+    return None
+
+
+def _download_mnist(root: Path) -> None:
+    """torchvision's md5-checked download into ``root/MNIST/raw`` (offline when the .gz files are there)."""
+    from torchvision import datasets
+
+    try:
+        datasets.MNIST(str(root), train=True, download=True)
+    except Exception as exc:  # network errors come in many types (URLError, HTTPError, ...)
+        raw = root / "MNIST" / "raw"
+        raise DatasetNotFoundError(
+            f"dataset 'mnist': downloading into {raw} failed ({type(exc).__name__}: {exc}); {_mnist_how(raw)}"
+        ) from exc
+
+
+def _load_mnist(root: Path, split: str, download: bool, augment: bool) -> Dataset:
+    files = _mnist_files(root, split)
+    if files is None and download:
+        _download_mnist(root)
+        files = _mnist_files(root, split)
+    if files is None:
+        raw = root / "MNIST" / "raw"
+        missing = [name for name in MNIST_RAW_FILES[split] if not (raw / name).is_file()]
+        raise DatasetNotFoundError(
+            f"dataset 'mnist' ({split}) not found: searched {raw}, missing {', '.join(missing)}; "
+            f"{_mnist_how(raw)}"
+        )
+    stamp = tuple(v for p in files for v in (p.stat().st_size, p.stat().st_mtime_ns))
+    return UInt8Images(*_decode_mnist(files, stamp))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +403,7 @@ def _read_cifar_classes(path: Path) -> tuple[str, ...]:
     return names
 
 
-class CIFAR10Batches(Dataset):
+class CIFAR10Batches(UInt8Images):
     """CIFAR-10 from the standard ``cifar-10-batches-py`` pickles, held in memory as uint8.
 
     Items are ``(image, label)``: float32 (3, 32, 32) in [0, 1] after ``transform`` (a callable
@@ -302,28 +416,18 @@ class CIFAR10Batches(Dataset):
         folder = Path(folder)
         files = CIFAR10_TRAIN_FILES if train else CIFAR10_TEST_FILES
         parts = [_read_cifar_batch(folder / name) for name in files]
+        super().__init__(torch.from_numpy(np.concatenate([d for d, _ in parts])),
+                         torch.from_numpy(np.concatenate([t for _, t in parts])), transform)
         self.folder = folder
         self.train = train
-        self.transform = transform
-        self.data = torch.from_numpy(np.concatenate([d for d, _ in parts]))
-        self.targets = torch.from_numpy(np.concatenate([t for _, t in parts]))
         self.classes = _read_cifar_classes(folder / CIFAR10_META_FILE)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.data[index].to(torch.float32).div_(255.0)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.targets[index].clone()
 
 
 def _cifar_how(root: Path) -> str:
     return (
         f"pass data.download: true on a machine with internet access, or copy the extracted "
         f"'{CIFAR10_FOLDER}' folder (from https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) "
-        f"into {root}"
+        f"into {root}; {_root_hint(root)}"
     )
 
 
@@ -335,8 +439,7 @@ def _cifar_folder(root: Path) -> Path:
     return nested
 
 
-def _load_cifar10(root: Path | None, split: str, download: bool, augment: bool) -> Dataset:
-    root = _require_data_dir("cifar10", root, f"the extracted '{CIFAR10_FOLDER}' folder")
+def _load_cifar10(root: Path, split: str, download: bool, augment: bool) -> Dataset:
     folder = _cifar_folder(root)
     files = CIFAR10_TRAIN_FILES if split == "train" else CIFAR10_TEST_FILES
     if download and not all((folder / f).is_file() for f in files):
@@ -378,7 +481,7 @@ def _load_cifar10(root: Path | None, split: str, download: bool, augment: bool) 
 def _imagenet_how(root: Path) -> str:
     return (
         f"expects {root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG (ImageFolder layout: one "
-        f"folder per class, the validation images sorted into class folders too)"
+        f"folder per class, the validation images sorted into class folders too); {_root_hint(root)}"
     )
 
 
@@ -397,10 +500,9 @@ def _has_image_class(folder: Path) -> bool:
     return False
 
 
-def _load_imagenet(root: Path | None, split: str, download: bool, augment: bool) -> Dataset:
+def _load_imagenet(root: Path, split: str, download: bool, augment: bool) -> Dataset:
     from torchvision import datasets, transforms
 
-    root = _require_data_dir("imagenet", root, "the train/ and val/ ImageFolder trees")
     if download:
         raise DatasetNotFoundError(
             f"dataset 'imagenet' cannot be downloaded automatically (its licence requires "
@@ -432,7 +534,7 @@ def _load_imagenet(root: Path | None, split: str, download: bool, augment: bool)
 # ---------------------------------------------------------------------------------------------
 
 
-_LOADERS: dict[str, Callable[[Path | None, str, bool, bool], Dataset]] = {
+_LOADERS: dict[str, Callable[[Path, str, bool, bool], Dataset]] = {
     "mnist": _load_mnist,
     "cifar10": _load_cifar10,
     "imagenet": _load_imagenet,
@@ -468,7 +570,9 @@ def load_dataset(
     train split -- CIFAR-10 RandomCrop(32, padding=4) + horizontal flip, ImageNet
     RandomResizedCrop(224) + flip; ``False`` turns it off. The held-out split is never augmented
     (ImageNet: Resize(256) + CenterCrop(224)), and digits/MNIST have no augmentation.
-    ``data_dir`` and ``download`` are ignored for the embedded digits, whose train/test split is
+    ``data_dir`` is the data root (MNIST in ``data_dir/MNIST/raw``); ``None`` means
+    :func:`default_data_dir` (``$RSLIB_DATA_DIR``, else ``./data``). ``download`` fetches the files
+    where the dataset allows it. Both are ignored for the embedded digits, whose train/test split is
     fixed by ``seed`` (the other datasets have fixed splits and ignore it).
     """
     spec = _check_name(name)
@@ -481,7 +585,7 @@ def load_dataset(
     if spec.embedded:
         return load_digits(split, seed=seed)
     use_augmentation = split == "train" and augment is not False and spec.has_augmentation
-    root = None if data_dir is None else Path(data_dir).expanduser()
+    root = (default_data_dir() if data_dir is None else Path(data_dir).expanduser()).absolute()
     return _LOADERS[name](root, split, bool(download), use_augmentation)
 
 

@@ -11,6 +11,10 @@ with depth = 6n + 2 and ``wrn<depth>_<widen>`` with depth = 6n + 4):
 
 - ``small_cnn`` — a small conv net for digits / MNIST (any input size >= 8).
 - ``lenet`` — LeNet-5 (conv 5x5 / max-pool twice, three fully connected layers), as in rs4a.
+- ``lenet_caffe`` — the LeNet of the published MNIST randomized-smoothing protocol (Cohen et al.'s
+  code as used by Salman et al. and Jeong & Shin): conv 5x5 to 20 and 50 channels, each followed
+  by ReLU and a 2x2 max pool, fc 800 -> 500, ReLU, fc 500 -> classes; MNIST only, and fed raw
+  [0, 1] pixels (identity input normalization, as that protocol).
 - ``cifar_resnet110`` — Cohen et al.'s CIFAR ResNet-110 (3 stages of 18 basic blocks, 16/32/64
   channels, 1x1-conv + BN projection shortcuts).
 - ``wrn40_2`` — WideResNet-40-2 (pre-activation blocks), rs4a's CIFAR model.
@@ -29,8 +33,9 @@ import re
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +47,7 @@ from rslib.io import atomic_writer
 
 __all__ = [
     "ARCHITECTURES",
+    "ArchSpec",
     "CHECKPOINT_FORMAT_VERSION",
     "CheckpointError",
     "Normalize",
@@ -52,6 +58,7 @@ __all__ = [
     "heat_resnet",
     "import_checkpoint",
     "lenet",
+    "lenet_caffe",
     "load",
     "load_checkpoint",
     "resnet50",
@@ -183,6 +190,28 @@ class LeNet(nn.Module):
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         return self.fc3(x)
+
+
+class LeNetCaffe(nn.Module):
+    """conv5x5(20) - ReLU - maxpool 2 - conv5x5(50) - ReLU - maxpool 2 - fc 500 - ReLU - fc classes.
+
+    The MNIST LeNet of the randomized-smoothing literature (28x28 inputs: 50 x 4 x 4 = 800 features
+    enter the first linear layer); PyTorch's default initialization, as there.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, input_size: int = 28) -> None:
+        super().__init__()
+        if input_size != 28:
+            raise ValueError(f"lenet_caffe takes 28x28 inputs (MNIST); got {input_size}x{input_size}")
+        self.conv1 = nn.Conv2d(in_channels, 20, kernel_size=5)
+        self.conv2 = nn.Conv2d(20, 50, kernel_size=5)
+        self.fc1 = nn.Linear(50 * 4 * 4, 500)
+        self.fc2 = nn.Linear(500, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
 class _ResBlock(nn.Module):
@@ -397,6 +426,11 @@ def lenet(num_classes: int = 10, in_channels: int = 1, input_size: int = 28) -> 
     return LeNet(in_channels=in_channels, num_classes=num_classes, input_size=input_size)
 
 
+def lenet_caffe(num_classes: int = 10, in_channels: int = 1, input_size: int = 28) -> LeNetCaffe:
+    """The published MNIST randomized-smoothing LeNet (see :class:`LeNetCaffe`)."""
+    return LeNetCaffe(in_channels=in_channels, num_classes=num_classes, input_size=input_size)
+
+
 def cifar_resnet(depth: int = 110, num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """Cohen et al.'s CIFAR ResNet of the given depth (6n + 2)."""
     return CifarResNet(depth=depth, num_classes=num_classes, in_channels=in_channels)
@@ -433,15 +467,32 @@ def resnet50(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
 
 _SMALL = ("digits", "mnist", "cifar10")
 
-# name -> (constructor(num_classes, in_channels, input_size), datasets it supports)
+# constructor(num_classes, in_channels, input_size)
 _Ctor = Callable[[int, int, int], nn.Module]
-ARCHITECTURES: dict[str, tuple[_Ctor, tuple[str, ...]]] = {
-    "small_cnn": (lambda k, c, s: small_cnn(k, c), _SMALL),
-    "lenet": (lambda k, c, s: lenet(k, c, s), _SMALL),
-    "cifar_resnet110": (lambda k, c, s: cifar_resnet(110, k, c), _SMALL),
-    "wrn40_2": (lambda k, c, s: wide_resnet(40, 2, 0.0, k, c), _SMALL),
-    "heat_resnet": (lambda k, c, s: heat_resnet(k, c), _SMALL),
-    "resnet50": (lambda k, c, s: resnet50(k, c), ("cifar10", "imagenet")),
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One architecture: its constructor, the datasets it supports and its input normalization.
+
+    ``normalization``: ``"dataset"`` puts the dataset's mean/std (:data:`rslib.data.DATASETS`) in
+    front of the network; ``"identity"`` (mean 0, std 1) feeds it raw [0, 1] pixels, for
+    architectures whose published protocol does so.
+    """
+
+    build: _Ctor
+    datasets: tuple[str, ...]
+    normalization: Literal["dataset", "identity"] = "dataset"
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "small_cnn": ArchSpec(lambda k, c, s: small_cnn(k, c), _SMALL),
+    "lenet": ArchSpec(lambda k, c, s: lenet(k, c, s), _SMALL),
+    "lenet_caffe": ArchSpec(lambda k, c, s: lenet_caffe(k, c, s), ("mnist",), normalization="identity"),
+    "cifar_resnet110": ArchSpec(lambda k, c, s: cifar_resnet(110, k, c), _SMALL),
+    "wrn40_2": ArchSpec(lambda k, c, s: wide_resnet(40, 2, 0.0, k, c), _SMALL),
+    "heat_resnet": ArchSpec(lambda k, c, s: heat_resnet(k, c), _SMALL),
+    "resnet50": ArchSpec(lambda k, c, s: resnet50(k, c), ("cifar10", "imagenet")),
 }
 # Parametric families, parsed by regular expression (no eval): cifar_resnet20, wrn16_2, ...
 _CIFAR_RESNET_RE = re.compile(r"cifar_resnet(\d+)")
@@ -449,27 +500,36 @@ _WRN_RE = re.compile(r"wrn(\d+)_(\d+)")
 _FAMILIES = "cifar_resnet<depth> (depth = 6n + 2), wrn<depth>_<widen> (depth = 6n + 4)"
 
 
-def _resolve_arch(arch: str) -> tuple[_Ctor, tuple[str, ...]]:
+def _resolve_arch(arch: str) -> ArchSpec:
     if arch in ARCHITECTURES:
         return ARCHITECTURES[arch]
     if m := _CIFAR_RESNET_RE.fullmatch(arch):
         depth = int(m.group(1))
         if depth >= 8 and (depth - 2) % 6 == 0:
-            return (lambda k, c, s: cifar_resnet(depth, k, c)), _SMALL
+            return ArchSpec(lambda k, c, s: cifar_resnet(depth, k, c), _SMALL)
     elif m := _WRN_RE.fullmatch(arch):
         depth, widen = int(m.group(1)), int(m.group(2))
         if depth >= 10 and (depth - 4) % 6 == 0 and widen >= 1:
-            return (lambda k, c, s: wide_resnet(depth, widen, 0.0, k, c)), _SMALL
+            return ArchSpec(lambda k, c, s: wide_resnet(depth, widen, 0.0, k, c), _SMALL)
     raise ValueError(
         f"unknown architecture {arch!r}; valid names: {', '.join(sorted(ARCHITECTURES))}, "
         f"or the families {_FAMILIES}"
     )
 
 
+def _input_normalization(spec: ArchSpec, dataset: str) -> Normalize:
+    """The dataset's mean/std, or mean 0 / std 1 per channel for an identity-normalized architecture."""
+    data = DATASETS[dataset]
+    if spec.normalization == "identity":
+        return Normalize([0.0] * len(data.mean), [1.0] * len(data.std))
+    return Normalize(data.mean, data.std)
+
+
 def build_model(arch: str, dataset: str, num_classes: int | None = None) -> NormalizedModel:
     """``NormalizedModel(Normalize(<dataset constants>), <arch>)`` for images of ``dataset``.
 
-    ``num_classes`` defaults to the dataset's. Raises ValueError naming the valid choices for an
+    The normalization is the identity (mean 0, std 1) for an architecture that declares it
+    (:attr:`ArchSpec.normalization`). ``num_classes`` defaults to the dataset's. Raises ValueError naming the valid choices for an
     unknown architecture or dataset, or the supported datasets for a mismatched pair.
     """
     if not isinstance(dataset, str) or dataset not in DATASET_SHAPES:
@@ -478,11 +538,11 @@ def build_model(arch: str, dataset: str, num_classes: int | None = None) -> Norm
         )
     if not isinstance(arch, str):
         raise ValueError(f"architecture name must be a string; got {arch!r}")
-    ctor, supported = _resolve_arch(arch)
-    if dataset not in supported:
+    spec = _resolve_arch(arch)
+    if dataset not in spec.datasets:
         raise ValueError(
             f"architecture {arch!r} does not support dataset {dataset!r}; "
-            f"it supports: {', '.join(supported)}"
+            f"it supports: {', '.join(spec.datasets)}"
         )
     shape, default_classes = DATASET_SHAPES[dataset]
     if num_classes is None:
@@ -490,10 +550,9 @@ def build_model(arch: str, dataset: str, num_classes: int | None = None) -> Norm
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}")
     channels, size = shape[0], shape[1]
-    net = ctor(num_classes, channels, size)
-    mean, std = DATASETS[dataset].mean, DATASETS[dataset].std
+    net = spec.build(num_classes, channels, size)
     return NormalizedModel(
-        Normalize(mean, std),
+        _input_normalization(spec, dataset),
         net,
         arch=arch,
         dataset=dataset,

@@ -121,7 +121,7 @@ class DataParams:
     """Which dataset, where it lives and how it is batched."""
 
     dataset: str = param("digits", expect="a dataset name from rslib.data.DATASETS (e.g. digits, mnist)")
-    data_dir: str | None = param(None)
+    data_dir: str | None = param(None, expect="a folder (default: $RSLIB_DATA_DIR, else ./data where rslib runs)")
     download: bool = param(False)
     batch_size: int = param(128, ge=1)
     eval_batch_size: int = param(512, ge=1)
@@ -152,7 +152,12 @@ class NoiseParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    """Training: one loop, the loss chosen by ``mode``; heat_* apply to mode 'heat' only."""
+    """Training: one loop, the loss chosen by ``mode``; heat_* apply to mode 'heat' only.
+
+    ``stability_divergence``: KL (rs4a) or the cross-entropy of the published consistency protocols.
+    ``channels_last``: keep the model's convolutions in NHWC memory format (faster on CPU for small
+    conv nets such as ``lenet_caffe``; results equal up to float rounding).
+    """
 
     mode: Literal["standard", "noise", "stability", "smoothadv", "direct", "heat"] = param("standard")
     epochs: int = param(30, ge=1)
@@ -165,6 +170,8 @@ class TrainParams:
     lr_decay: float = param(0.1, gt=0, le=1)
     max_batches: int | None = param(None, ge=1)
     stability_weight: float = param(6.0, ge=0)
+    stability_divergence: Literal["kl", "cross_entropy"] = param("kl")
+    channels_last: bool = param(False)
     noise_draws: int = param(1, ge=1)
     adv_eps: float = param(0.25, ge=0)
     adv_steps: int = param(1, ge=1)
@@ -428,7 +435,8 @@ def checkpoint_files_stamp(exp: Experiment) -> str:
 
 
 def with_absolute_paths(exp: Experiment, base: str | os.PathLike[str] | None = None) -> Experiment:
-    """``exp`` with a relative ``data.data_dir`` and relative checkpoint paths made absolute.
+    """``exp`` with ``data.data_dir`` (default: the data root, ``$RSLIB_DATA_DIR`` else ``./data``) and
+    relative checkpoint paths made absolute.
 
     Stage notebooks run inside the experiment's output folder, so paths written relative to the
     folder ``rslib run`` was started from (``base``, default: the current directory) are resolved
@@ -441,8 +449,12 @@ def with_absolute_paths(exp: Experiment, base: str | os.PathLike[str] | None = N
         return value if Path(value).is_absolute() else str((root / value).resolve())
 
     data = sections.get("data")
-    if data is not None and data.data_dir:
-        sections["data"] = dataclasses.replace(data, data_dir=absolute(data.data_dir))
+    if data is not None:
+        from rslib.data import DATASETS, default_data_dir
+
+        data_dir = data.data_dir or (None if DATASETS[data.dataset].embedded else str(default_data_dir()))
+        if data_dir:
+            sections["data"] = dataclasses.replace(data, data_dir=absolute(data_dir))
     for name, key in CHECKPOINT_FIELDS:
         section = sections.get(name)
         value = getattr(section, key) if section is not None else None

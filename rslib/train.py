@@ -80,7 +80,7 @@ def _objective(run: TrainingRun, model: nn.Module, teacher: nn.Module | None):
     if train.mode == "noise":
         return NoiseAugmentation(noise)
     if train.mode == "stability":
-        return Stability(noise, train.stability_weight)
+        return Stability(noise, train.stability_weight, train.stability_divergence)
     if train.mode == "direct":
         return DirectLikelihood(noise, train.noise_draws)
     if train.mode == "smoothadv":
@@ -204,7 +204,10 @@ def _new_model(run: TrainingRun, phase: int, teacher: nn.Module | None) -> nn.Mo
     def fresh() -> nn.Module:
         return models.build_model(run.experiment.model.arch, run.experiment.data.dataset).to(run.ctx.device)
 
-    return fresh() if teacher is None else heat.next_student(teacher, heat_config(run.experiment), fresh)
+    model = fresh() if teacher is None else heat.next_student(teacher, heat_config(run.experiment), fresh)
+    if run.experiment.train.channels_last:  # NHWC convolutions: faster for small conv nets on CPU
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def _write_metrics(run: TrainingRun, rows: list[dict[str, Any]]) -> None:

@@ -40,17 +40,26 @@ class NoiseAugmentation:
 
 @dataclass
 class Stability:
-    """Stability training (Li et al. 2019, rs4a): CE(f(x)) + weight * KL(p(x) || p(x + delta))."""
+    """Stability training: CE(f(x)) + weight * D(p(x), p(x + delta)).
+
+    ``divergence='kl'``: D = KL(p(x) || p(x + delta)) (Li et al. 2019, rs4a). ``'cross_entropy'``:
+    D = H(p(x), p(x + delta)) = KL + H(p(x)), the published MNIST/CIFAR protocol of the consistency
+    papers (its gradient also lowers the entropy of the clean prediction).
+    """
 
     noise: Noise
     weight: float
+    divergence: str = "kl"
 
     def __call__(self, model, x, y, epoch):
         logits = model(torch.cat([x, self.noise.sample(x)]))
         clean, noisy = logits.split(len(x))
         log_p, log_q = F.log_softmax(clean, dim=1), F.log_softmax(noisy, dim=1)
-        kl = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
-        return F.cross_entropy(clean, y) + self.weight * kl, clean, y
+        if self.divergence == "kl":
+            term = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+        else:
+            term = -(log_p.exp() * log_q).sum(1).mean()
+        return F.cross_entropy(clean, y) + self.weight * term, clean, y
 
 
 @dataclass

@@ -163,7 +163,9 @@ def test_cifar10_missing(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["mnist", "cifar10", "imagenet"])
-def test_data_dir_required(name: str) -> None:
+def test_missing_default_data_root_names_the_fix(name: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("RSLIB_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # the default root ./data does not exist here
     with pytest.raises(DatasetNotFoundError, match="data_dir") as info:
         load_dataset(name, "test")
     assert name in str(info.value)

@@ -118,3 +118,19 @@ def test_smoothadv_one_step_moves_along_the_loss_gradient_then_trains_there(case
     expected = _cross_entropy(model(x + torch.stack(adv) + delta).detach(), y)
     assert loss.item() == pytest.approx(expected, abs=1e-9)
     assert torch.equal(targets, y)
+
+
+def test_stability_with_cross_entropy_adds_the_clean_entropy(case):
+    # H(p, q) = KL(p || q) + H(p): the published consistency protocols' divergence.
+    model, x, y, noise = case
+    weight = 2.0
+    delta = _draw(noise, x.shape, seed=5)
+    torch.manual_seed(5)
+    loss, _, _ = Stability(noise, weight, "cross_entropy")(model, x, y, epoch=0)
+    clean, noisy = model(x).detach().tolist(), model(x + delta).detach().tolist()
+    cross = 0.0
+    for c, n in zip(clean, noisy, strict=True):
+        p, q = _softmax(c), _softmax(n)
+        cross += -sum(pi * math.log(qi) for pi, qi in zip(p, q, strict=True))
+    expected = _cross_entropy(model(x).detach(), y) + weight * cross / len(y)
+    assert loss.item() == pytest.approx(expected, abs=TOL)
