@@ -56,13 +56,34 @@ study, data, out = results.open_study(output_dir, results.load_certify_group)
 # 1 - alpha; dashed lines are HeatSmoothing's L-bound of a deterministic (Gaussian-averaged) model,
 # an **approximation** that is not a certificate. A legend entry "[from l2]" means the radii of that
 # norm come from converting another norm's certificate. The curves are saved as `cert_curves_<group>.csv`.
+# When the study names published numbers (`report.reference`), they are drawn dotted with markers in
+# the model's colour.
 
 # %%
 for cert in data.values():
     group = cert.group
     display(Markdown(f"### {group.title}"))
     out.tables(group, {"cert_curves": cert.curves})
-    out.figure(plots.plot_study_certified_accuracy(cert.curves, title=group.title), "cert_accuracy", group)
+    out.figure(plots.plot_study_certified_accuracy(cert.curves, title=group.title, reference=cert.reference),
+               "cert_accuracy", group)
+
+# %% [markdown]
+# ## Ours against the published numbers
+#
+# Only for studies with `report.reference`: at every published l2 radius, our certified accuracy, the
+# published one and the difference in percentage points (ours minus published), saved as
+# `cert_reference_<group>.csv`.
+
+# %%
+for cert in data.values():
+    if not len(cert.reference):
+        continue
+    group = cert.group
+    table = results.reference_comparison(cert.tables, cert.reference)
+    out.tables(group, {"cert_reference": table})
+    display(Markdown(f"### {group.title}"))
+    display(table.pivot_table(index="radius", columns="label", values=["ours", "published", "difference_points"],
+                              sort=False).round(4))
 
 # %% [markdown]
 # ## Certified accuracy at standard radii, best sigma per noise

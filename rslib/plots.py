@@ -342,13 +342,16 @@ def _finish(fig: Figure, axes: Sequence[Axes], title: str | None, caption: str |
         _caption(fig, caption)
 
 
-def plot_study_certified_accuracy(curves: pd.DataFrame, title: str | None = None) -> Figure:
+def plot_study_certified_accuracy(curves: pd.DataFrame, title: str | None = None,
+                                  reference: pd.DataFrame | None = None) -> Figure:
     """Certified accuracy vs radius for a study group: one panel per norm, one colour per model.
 
     ``curves`` are ``rslib.results.group_curves`` rows (label, method, norm, source, radius,
     certified_accuracy; exact step functions drawn 'steps-pre'). The Monte-Carlo certificate is
     solid; HeatSmoothing's approximate L-bound (a method whose name says 'approximate') is dashed
     in the model's colour. A panel whose radii come from norm conversion says so in its title.
+    ``reference`` (``rslib.results.reference_rows``: label, radius, accuracy) adds the published
+    numbers to the l2 panel: dotted, with markers, in the model's colour.
     """
     style()
     norms = list(dict.fromkeys(curves["norm"]))
@@ -363,6 +366,11 @@ def plot_study_certified_accuracy(curves: pd.DataFrame, title: str | None = None
             ax.plot(line["radius"], line["certified_accuracy"], drawstyle="steps-pre", lw=1.8,
                     color=colors[label], ls="--" if approximate else "-",
                     label=label + (": L-bound (approximate)" if approximate else ""))
+        if reference is not None and len(reference) and norm == "l2":
+            for label, published in reference.groupby("label", sort=False):
+                published = published.sort_values("radius")
+                ax.plot(published["radius"], published["accuracy"], ls=":", marker="o", ms=3.5, lw=1.2,
+                        color=colors.get(label, "0.3"), label=f"{label}: published")
         monte_carlo = part[~part["method"].str.contains("approximate", case=False)]
         ax.set(xlabel=f"{tex} radius r", ylim=(0, 1.02), xlim=(0, None),
                title=f"{tex} adversary" + _converted_note(monte_carlo, norm))

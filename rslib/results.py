@@ -145,6 +145,7 @@ class Study:
     dir: Path
     experiments: tuple[StudyExperiment, ...]
     groups: tuple[Group, ...]
+    reference: Path | None = None  # published certified accuracies (``report.reference``)
 
     def experiment(self, name: str) -> StudyExperiment:
         """The experiment called ``name`` (KeyError naming the known ones otherwise)."""
@@ -236,7 +237,9 @@ def load_study(study_dir: str | Path) -> Study:
     if not groups:
         groups = (Group("all", "All experiments", tuple(e.name for e in experiments), dict(DEFAULT_RADII)),)
     name = str(data.get("study") or root.name)
-    return Study(name, str(data.get("description") or ""), root, experiments, groups)
+    reference = report.get("reference")
+    return Study(name, str(data.get("description") or ""), root, experiments, groups,
+                 Path(_need(reference, str, "report.reference", path)) if reference is not None else None)
 
 
 # --------------------------------------------------------------------------- reading results
@@ -333,6 +336,43 @@ def _tag(frame: pd.DataFrame, exp: StudyExperiment, **extra: Any) -> pd.DataFram
 
 
 # --------------------------------------------------------------------------- certification
+
+
+def reference_rows(study: Study, names: Iterable[str], log: Log = print) -> pd.DataFrame:
+    """The published certified accuracies (``report.reference``) of the experiments ``names``.
+
+    Rows match an experiment by name or label; columns experiment, label, radius, accuracy, source.
+    Empty when the study names no reference (or it became unreadable: noted).
+    """
+    columns = ["experiment", "label", "radius", "accuracy", "source"]
+    if study.reference is None:
+        return pd.DataFrame(columns=columns)
+    try:
+        published = pd.read_csv(study.reference)
+    except (OSError, ValueError) as err:
+        log(f"note: the reference {study.reference} is unreadable ({err}); no published numbers shown")
+        return pd.DataFrame(columns=columns)
+    parts = []
+    for name in names:
+        exp = study.experiment(name)
+        rows = published[published["experiment"].astype(str).isin({exp.name, exp.label})]
+        parts.append(rows.assign(experiment=exp.name, label=exp.label)[columns])
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+
+
+def reference_comparison(tables: Mapping[str, pd.DataFrame], reference: pd.DataFrame) -> pd.DataFrame:
+    """Ours next to the published certified accuracy at every published l2 radius, and the difference
+    (percentage points, ours minus published)."""
+    rows = []
+    for _, ref in reference.iterrows():
+        if ref["experiment"] not in tables:
+            continue
+        ours = float(certified_accuracy(tables[ref["experiment"]], [float(ref["radius"])], "l2")[0])
+        rows.append({"experiment": ref["experiment"], "label": ref["label"], "radius": float(ref["radius"]),
+                     "ours": ours, "published": float(ref["accuracy"]),
+                     "difference_points": 100.0 * (ours - float(ref["accuracy"])), "source": ref["source"]})
+    columns = ["experiment", "label", "radius", "ours", "published", "difference_points", "source"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def families(study: Study, names: Iterable[str]) -> dict[str, str]:
@@ -592,6 +632,7 @@ class CertifyGroup:
     lbounds: dict[str, pd.DataFrame]
     curves: pd.DataFrame
     sweeps: dict[str, list[str]]
+    reference: pd.DataFrame  # published numbers of the group's experiments (empty without report.reference)
 
 
 def load_certify_group(study: Study, group: Group, log: Log = print) -> CertifyGroup | None:
@@ -602,7 +643,7 @@ def load_certify_group(study: Study, group: Group, log: Log = print) -> CertifyG
         return None
     lbounds = lbound_certify_tables(study, group, tables, log)
     return CertifyGroup(group, tables, lbounds, group_curves(study, tables, group.norms, lbounds),
-                        sigma_sweeps(study, tables))
+                        sigma_sweeps(study, tables), reference_rows(study, tables, log))
 
 
 @dataclass(frozen=True)

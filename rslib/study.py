@@ -12,7 +12,7 @@ A study file has the top-level key ``study`` instead of ``experiment``::
         label: "{noise.name} sigma={noise.sigma}"
         over: {noise.name: [Uniform, Gaussian], noise.sigma: [0.25, 0.5]}
         base: {stages: [train, certify], train: {mode: noise}}
-    report:                          # what the plot notebooks compare
+    report:                          # what the plot notebooks compare (reference: published numbers, a CSV)
       groups:
         - {name: heat, title: ..., experiments: [baseline, "rs4a_*"], radii: {l2: [0, 0.25, 0.5]}}
 
@@ -39,6 +39,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pandas as pd
 import yaml
 
 from rslib import layout, params, runner
@@ -88,6 +89,7 @@ class Study:
     plots: tuple[str, ...]
     source: Path | None = None
     salts: dict[str, str] = field(default_factory=dict)
+    reference: str | None = None  # absolute path of the published certified accuracies (report.reference)
 
     def get(self, name: str) -> StudyExperiment:
         """The experiment called ``name``."""
@@ -106,7 +108,7 @@ class Study:
             "report": {"groups": [
                 {"name": g.name, "title": g.title, "experiments": list(g.experiments), "radii": g.radii}
                 for g in self.groups
-            ]},
+            ], "reference": self.reference},
             "plots": list(self.plots),
         }
 
@@ -265,9 +267,9 @@ def _groups(raw: Any, names: Sequence[str], label: str) -> list[ReportGroup]:
     if raw is None:
         return [ReportGroup("all", "All experiments", tuple(names), copy.deepcopy(DEFAULT_RADII))]
     raw = _mapping(raw, f"{label}: report")
-    unknown = sorted(set(raw) - {"groups"}, key=str)
+    unknown = sorted(set(raw) - {"groups", "reference"}, key=str)
     if unknown:
-        raise ParamsError(f"{label}: unknown key 'report.{unknown[0]}' (valid keys: groups)")
+        raise ParamsError(f"{label}: unknown key 'report.{unknown[0]}' (valid keys: groups, reference)")
     items = raw.get("groups")
     if not isinstance(items, list) or not items:
         raise ParamsError(f"{label}: report.groups must be a non-empty list of groups")
@@ -302,6 +304,36 @@ def _groups(raw: Any, names: Sequence[str], label: str) -> list[ReportGroup]:
     if len({g.name for g in groups}) != len(groups):
         raise ParamsError(f"{label}: report.groups repeat a group name")
     return groups
+
+
+#: Columns of a ``report.reference`` CSV: published certified accuracy (a fraction) of an experiment
+#: (its name or label) at an l2 radius, and where the number comes from.
+REFERENCE_COLUMNS = ("experiment", "radius", "accuracy", "source")
+
+
+def _reference(raw: Any, path: Path, experiments: Sequence[StudyExperiment], label: str) -> str | None:
+    """``report.reference``: a CSV of published numbers, relative to the study file; checked now."""
+    value = (raw or {}).get("reference") if isinstance(raw, Mapping) else None
+    if value is None:
+        return None
+    where = f"{label}: report.reference"
+    if not isinstance(value, str):
+        raise ParamsError(f"{where} must be the path of a CSV file (relative to the study file), got {value!r}")
+    csv = (path.parent / value).resolve()
+    try:
+        table = pd.read_csv(csv)
+    except (OSError, ValueError) as err:
+        raise ParamsError(f"{where}: cannot read {csv} ({err}); give a CSV with columns "
+                          f"{', '.join(REFERENCE_COLUMNS)}") from None
+    missing = [c for c in REFERENCE_COLUMNS if c not in table.columns]
+    if missing:
+        raise ParamsError(f"{where}: {csv} lacks the column(s) {', '.join(missing)} "
+                          f"(expected {', '.join(REFERENCE_COLUMNS)})")
+    known = {e.name for e in experiments} | {e.label for e in experiments}
+    unknown = sorted(set(table["experiment"].astype(str)) - known)
+    if unknown:
+        raise ParamsError(f"{where}: {csv} names {unknown[0]!r}, which is no experiment name or label of the study")
+    return str(csv)
 
 
 def _plots(raw: Any, experiments: Sequence[StudyExperiment], label: str) -> tuple[str, ...]:
@@ -376,7 +408,8 @@ def load(path: str | os.PathLike[str], **overrides: Any) -> Study:
                                   f"which has no train stage")
     ordered = _order(experiments, label)
     return Study(name, str(raw.get("description", "")), ordered, _groups(raw.get("report"), names, label),
-                 _plots(raw.get("plots"), ordered, label), path, _salts(ordered))
+                 _plots(raw.get("plots"), ordered, label), path, _salts(ordered),
+                 _reference(raw.get("report"), path, ordered, label))
 
 
 # --------------------------------------------------------------------------- sharding

@@ -431,3 +431,45 @@ def test_adv_plots_notebook(study_dir, tmp_path, monkeypatch):
     assert summary.loc[("cohen", "pgd"), "success_rate"] == pytest.approx(rows["success"].mean()) == 0.6
     assert summary.loc[("baseline", "ddn"), "median_l2"] == INF
     assert "'broken'" in text and "figures/adv_cdf_heat_smoothing.png" in text
+
+
+def test_published_reference_rows_comparison_and_overlay(study, tmp_path):
+    import dataclasses
+
+    path = tmp_path / "published.csv"
+    path.write_text("experiment,radius,accuracy,source\ncohen,0.0,0.8,paper\nCohen,0.25,0.5,paper\n"
+                    "gauss_0.5,0.0,0.9,paper\n")
+    with_reference = dataclasses.replace(study, reference=path)
+    rows = results.reference_rows(with_reference, ["cohen", "heat"])
+    assert rows["experiment"].tolist() == ["cohen", "cohen"] and rows["label"].tolist() == ["Cohen", "Cohen"]
+    table = results.reference_comparison({"cohen": results.certify_tables(study, _group(study, "heat_smoothing"),
+                                                                          log=lambda _: None)["cohen"]}, rows)
+    # cohen is correct on 3 of 4 inputs, with radii 0.30, 0.10 and 0.90: 0.75 at r = 0, 0.5 at r = 0.25
+    assert table["ours"].tolist() == [0.75, 0.5] and table["published"].tolist() == [0.8, 0.5]
+    assert table["difference_points"].tolist() == pytest.approx([-5.0, 0.0])
+    cert = results.load_certify_group(with_reference, _group(study, "heat_smoothing"), log=lambda _: None)
+    figure = plots.plot_study_certified_accuracy(cert.curves, "t", reference=cert.reference)
+    assert any(line.get_label() == "Cohen: published" for line in figure.axes[0].get_lines())
+    assert results.reference_rows(study, ["cohen"]).empty  # no report.reference: nothing
+
+
+def test_study_reference_is_checked_when_the_study_loads(tmp_path):
+    from rslib import study as study_mod
+    from rslib.params import ParamsError
+
+    raw = {"study": "ref", "defaults": {"stages": ["train", "certify"]},
+           "experiments": [{"name": "a"}, {"name": "b", "label": "Model B"}],
+           "report": {"groups": [{"name": "g", "experiments": ["a", "b"]}], "reference": "published.csv"}}
+    path = tmp_path / "ref.yaml"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ParamsError, match="report.reference: cannot read"):
+        study_mod.load(path)
+    (tmp_path / "published.csv").write_text("experiment,radius,accuracy\na,0,0.9\n")
+    with pytest.raises(ParamsError, match="lacks the column"):
+        study_mod.load(path)
+    (tmp_path / "published.csv").write_text("experiment,radius,accuracy,source\nzzz,0,0.9,x\n")
+    with pytest.raises(ParamsError, match="'zzz', which is no experiment"):
+        study_mod.load(path)
+    (tmp_path / "published.csv").write_text("experiment,radius,accuracy,source\na,0,0.9,x\nModel B,0,0.8,x\n")
+    loaded = study_mod.load(path)
+    assert loaded.to_dict()["report"]["reference"] == str((tmp_path / "published.csv").resolve())
