@@ -156,7 +156,8 @@ class TrainParams:
 
     ``stability_divergence``: KL (rs4a) or the cross-entropy of the published consistency protocols.
     ``channels_last``: keep the model's convolutions in NHWC memory format (faster on CPU for small
-    conv nets such as ``lenet_caffe``; results equal up to float rounding).
+    conv nets such as ``lenet_caffe``; results equal up to float rounding). ``eval_every``: test
+    accuracy (clean, and noisy for noise-based modes) every this many epochs and after the last.
     """
 
     mode: Literal["standard", "noise", "stability", "smoothadv", "direct", "heat"] = param("standard")
@@ -172,6 +173,7 @@ class TrainParams:
     stability_weight: float = param(6.0, ge=0)
     stability_divergence: Literal["kl", "cross_entropy"] = param("kl")
     channels_last: bool = param(False)
+    eval_every: int = param(1, ge=1)
     noise_draws: int = param(1, ge=1)
     adv_eps: float = param(0.25, ge=0)
     adv_steps: int = param(1, ge=1)
@@ -321,7 +323,13 @@ STAGES: dict[str, Stage] = {
 
 _NOT_IN_DIGEST = ("description", "stages")
 #: Fields that only say where inputs live or how fast they load: they never make a stage stale.
-_NOT_IN_STAGE_DIGEST = {"data": ("data_dir", "download", "num_workers", "eval_batch_size")}
+_NOT_IN_STAGE_DIGEST = {"data": ("data_dir", "download", "num_workers", "eval_batch_size"),
+                        "train": ("eval_every",)}
+#: Fields added after stage digests were first written, with the value that reproduces what rslib did
+#: before they existed: at that value they are left out of the digest, so adding a field never makes
+#: finished work stale. (A new field goes here with its neutral value.)
+_NEUTRAL = {"train": {"stability_divergence": "kl", "channels_last": False},
+            "attack": {"alma_steps": 500, "alma_restarts": 2}}
 
 
 @dataclass(frozen=True)
@@ -391,7 +399,9 @@ class Experiment:
         data = {"seed": self.seed, "device": self.device, "salt": salt}
         for name in names:
             if name in full:
-                data[name] = {k: v for k, v in full[name].items() if k not in _NOT_IN_STAGE_DIGEST.get(name, ())}
+                neutral = _NEUTRAL.get(name, {})
+                data[name] = {k: v for k, v in full[name].items() if k not in _NOT_IN_STAGE_DIGEST.get(name, ())
+                              and not (k in neutral and v == neutral[k])}
         return _sha256_json(data)
 
 

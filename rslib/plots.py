@@ -211,7 +211,8 @@ def plot_training_curves(metrics: pd.DataFrame) -> Figure:
     for column, label in [("train_acc", "train (inputs the loss saw)"), ("test_acc", "test, clean"),
                           ("test_noisy_acc", "test, with noise")]:
         if column in frame and frame[column].notna().any():
-            ax_acc.plot(frame["step"], frame[column], marker="o", label=label)
+            known = frame[frame[column].notna()]  # test accuracy is measured every train.eval_every epochs
+            ax_acc.plot(known["step"], known[column], marker="o", label=label)
     ax_acc.set(xlabel="epoch (all phases)", ylabel="accuracy", ylim=(0, 1.02), title="accuracy")
     for phase_start in frame.index[frame["phase"].diff().fillna(0) != 0]:
         for ax in (ax_loss, ax_acc):

@@ -274,12 +274,14 @@ def fit(experiment: Experiment, output_dir: str | Path | None = None, *, progres
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             row = {"phase": phase, "epoch": epoch, "lr": lr, **stats, "seconds": time.perf_counter() - tic}
-            if ctx.is_main:
+            evaluated = (epoch + 1) % experiment.train.eval_every == 0 or epoch + 1 == epochs
+            if ctx.is_main and evaluated:
                 eval_model = model.module if isinstance(model, DistributedDataParallel) else model
                 row["test_acc"] = evaluate(eval_model, test_loader, ctx.device)
                 if experiment.train.mode not in ("standard", "heat"):
                     generator = torch.Generator(device=ctx.device).manual_seed(experiment.seed)
                     row["test_noisy_acc"] = evaluate(eval_model, test_loader, ctx.device, run.noise, generator)
+            if ctx.is_main:
                 log(f"{label} epoch {epoch + 1}/{epochs}: " + ", ".join(
                     f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
             rows.append(row)

@@ -276,3 +276,22 @@ def test_checkpoint_files_and_heat_bases_are_tracked_by_content(tmp_path: Path, 
     # a data folder is where inputs live, not what they are: moving it keeps every stage finished
     assert load(write(tmp_path, raw), **{"data.data_dir": "/elsewhere"}).stage_digest("certify") == \
         exp.stage_digest("certify")
+
+
+def test_fields_at_their_neutral_value_leave_stage_digests_unchanged() -> None:
+    # Golden digests of a default experiment written by rslib before train.stability_divergence,
+    # train.channels_last, train.eval_every and attack.alma_* existed (commit 00a6de8): adding those
+    # fields must not make finished work stale. (Its default attacks were then [ddn, pgd].)
+    raw = {"experiment": "neutral", "stages": ["train", "certify", "attack"], "attack": {"attacks": ["ddn", "pgd"]}}
+    exp = load_raw(raw)
+    assert exp.stage_digest("train") == "41485ea4ee654025502be90859ca532b00621598c64470eb368ca8eee7c55499"
+    assert exp.stage_digest("certify") == "de7c47032d84ecebcb79f53a12158e3739c8a8dfec7877a8c0f1eaed4f8882fa"
+    assert exp.stage_digest("attack") == "2e294e6973aa20deb5d5960796c4dda8fcc4819d27f5f5d979f994b48effe1d9"
+    assert load_raw({**raw, "train": {"channels_last": True}}).stage_digest("train") != exp.stage_digest("train")
+    assert load_raw({**raw, "train": {"eval_every": 5}}).stage_digest("train") == exp.stage_digest("train")
+
+
+def load_raw(raw: dict[str, Any]):
+    from rslib.params import validate
+
+    return validate(raw)
