@@ -1,7 +1,8 @@
 """Study-level analysis: certified-accuracy curves, envelopes over sigma, attack CDFs and tables.
 
 A study folder (written by ``rslib run <study yaml>``) holds ``study.json`` and one experiment
-folder per experiment. ``load_study`` reads it; the functions below read each experiment's
+folder ``<study_dir>/<experiment>`` per experiment; ``rslib.study.load_written`` reads the study back
+(``open_study`` does it for the plot notebooks). The functions below read each experiment's
 ``results/*.csv`` (the schemas of ``rslib.certify_stage`` and ``rslib.attack_stage``) for one report
 group and turn them into long tables that ``rslib.plots`` draws and ``write_tables`` saves under
 ``<study_dir>/results/<table>_<group>.csv``.
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,219 +39,49 @@ from rslib.io import atomic_write_text
 from rslib.lbound import LBOUND_COLUMNS
 from rslib.metrics import certified_accuracy
 from rslib.noises import NORM_LABELS
-from rslib.noises.curves import spec_label
-from rslib.study import DEFAULT_RADII
+from rslib.study import ReportGroup, Study, StudyExperiment, load_written
 
-STUDY_FILE = layout.STUDY_FILE
 #: Columns of ``group_curves``.
 CURVE_COLUMNS = ["experiment", "label", "noise", "sigma", "train_mode", "family", "method", "norm", "source",
                  "radius", "certified_accuracy"]
-_FIX = "run `rslib run <study yaml>` first"
 _CERTIFY_REQUIRED = ("idx", "prediction", "correct", "n0", "n", "radius_l1", "radius_l2", "radius_linf",
                      "seconds_predict", "seconds_certify")
 
 Log = Callable[[str], None]
 
 
-class StudyError(ValueError):
-    """``study.json`` is unreadable or malformed."""
+def experiment_results(study: Study, exp: StudyExperiment) -> Path:
+    """``<study_dir>/<experiment>/results``: where the run wrote the experiment's tables."""
+    return layout.results_dir(study.dir / exp.name)
 
 
-# --------------------------------------------------------------------------- the study
+def attack_names(study: Study, exp: StudyExperiment) -> list[str]:
+    """``attack.attacks`` (and ``best`` when there are several and it was written), else the
+    ``attack_<name>.csv`` files present."""
+    folder = experiment_results(study, exp)
+    attack = exp.experiment.attack
+    if attack is None:
+        return attack_stage.attack_names_present(folder)
+    best = len(attack.attacks) > 1 and attack_stage.result_path(folder, metrics.BEST).exists()
+    return [*attack.attacks, *([metrics.BEST] if best else [])]
 
 
-@dataclass(frozen=True)
-class StudyExperiment:
-    """One experiment of a study: its folder and resolved parameters (``Experiment.to_dict()``)."""
-
-    name: str
-    label: str
-    dir: Path
-    params: dict[str, Any]
-    stages: tuple[str, ...] = ()
-
-    def section(self, name: str) -> dict[str, Any]:
-        """One section of the parameters (empty when absent)."""
-        return self.params.get(name) or {}
-
-    @property
-    def results(self) -> Path:
-        """``<experiment dir>/results``."""
-        return layout.results_dir(self.dir)
-
-    @property
-    def noise(self) -> str:
-        """The noise with its distribution parameters, e.g. ``'ExpInf(k=10, j=0)'``."""
-        spec = self.section("noise")
-        return spec_label({"name": spec.get("name", "unknown noise"), **(spec.get("params") or {})})
-
-    @property
-    def sigma(self) -> float:
-        """The noise's sigma (NaN when the parameters have none)."""
-        return float(self.section("noise").get("sigma", math.nan))
-
-    @property
-    def train_mode(self) -> str | None:
-        """``train.mode`` (None without a train section)."""
-        return self.section("train").get("mode")
-
-    @property
-    def deterministic(self) -> bool:
-        """A Gaussian-averaged model: ``certify.deterministic`` or trained in mode 'heat'."""
-        return bool(self.section("certify").get("deterministic")) or self.train_mode == "heat"
-
-    @property
-    def attack_names(self) -> list[str]:
-        """``attack.attacks`` (and ``best`` when there are several), else the ``attack_<name>.csv`` files present."""
-        names = list(self.section("attack").get("attacks") or [])
-        if not names:
-            return attack_stage.attack_names_present(self.results)
-        if len(names) > 1 and attack_stage.result_path(self.results, metrics.BEST).exists():
-            names.append(metrics.BEST)
-        return names
-
-    def describe(self) -> dict[str, Any]:
-        """The columns that identify this experiment in every study table."""
-        return {"experiment": self.name, "label": self.label, "noise": self.noise, "sigma": self.sigma,
-                "train_mode": self.train_mode}
-
-
-@dataclass(frozen=True)
-class Group:
-    """A report group: experiments compared in one figure, and the radii of its tables per norm."""
-
-    name: str
-    title: str
-    experiments: tuple[str, ...]
-    radii: dict[str, tuple[float, ...]]
-
-    @property
-    def norms(self) -> list[str]:
-        """The norms of the group (the keys of ``radii``)."""
-        return list(self.radii)
-
-    @property
-    def slug(self) -> str:
-        """The group name made safe for file names."""
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name)
-
-
-@dataclass(frozen=True)
-class Study:
-    """A study folder: its experiments and report groups."""
-
-    name: str
-    description: str
-    dir: Path
-    experiments: tuple[StudyExperiment, ...]
-    groups: tuple[Group, ...]
-    reference: Path | None = None  # published certified accuracies (``report.reference``)
-
-    def experiment(self, name: str) -> StudyExperiment:
-        """The experiment called ``name`` (KeyError naming the known ones otherwise)."""
-        for exp in self.experiments:
-            if exp.name == name:
-                return exp
-        raise KeyError(f"study {self.name!r} has no experiment {name!r}; it has "
-                       f"{', '.join(e.name for e in self.experiments)}")
-
-    def members(self, group: Group, log: Log = print) -> list[StudyExperiment]:
-        """The group's experiments in order; names the study does not know are skipped with a note."""
-        known = {exp.name: exp for exp in self.experiments}
-        out = []
-        for name in group.experiments:
-            if name in known:
-                out.append(known[name])
-            else:
-                log(f"note: group {group.name!r} lists experiment {name!r}, which is not in {STUDY_FILE}; skipped")
-        return out
-
-    @property
-    def results_dir(self) -> Path:
-        """``<study_dir>/results``: where the study tables go."""
-        return layout.results_dir(self.dir)
-
-    @property
-    def figures_dir(self) -> Path:
-        """``<study_dir>/figures``: where the study figures go."""
-        return self.dir / layout.FIGURES
-
-
-def _need(value: Any, kind: type | tuple[type, ...], where: str, path: Path) -> Any:
-    if not isinstance(value, kind):
-        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise StudyError(f"{path}: {where} must be a {names}, got {value!r}; the file is damaged or was not "
-                         f"written by the study runner: {_FIX} (again)")
-    return value
-
-
-def _parse_experiment(entry: Any, i: int, root: Path, path: Path) -> StudyExperiment:
-    where = f"experiments[{i}]"
-    entry = _need(entry, dict, where, path)
-    name = _need(entry.get("name"), str, f"{where}.name", path)
-    folder = _need(entry.get("dir", name), str, f"{where}.dir", path)
-    params = _need(entry.get("params", {}), dict, f"{where}.params", path)
-    stages = _need(entry.get("stages", params.get("stages", [])), list, f"{where}.stages", path)
-    label = _need(entry.get("label") or name, str, f"{where}.label", path)
-    return StudyExperiment(name, label, root / folder, params, tuple(stages))
-
-
-def _parse_group(entry: Any, i: int, path: Path) -> Group:
-    where = f"report.groups[{i}]"
-    entry = _need(entry, dict, where, path)
-    name = _need(entry.get("name"), str, f"{where}.name", path)
-    members = _need(entry.get("experiments", []), list, f"{where}.experiments", path)
-    radii = _need(entry.get("radii") or DEFAULT_RADII, dict, f"{where}.radii", path)
-    for norm, values in radii.items():
-        if norm not in NORM_LABELS:
-            raise StudyError(f"{path}: {where}.radii has norm {norm!r}; expected one of "
-                             f"{', '.join(NORM_LABELS)}")
-        _need(values, list | tuple, f"{where}.radii.{norm}", path)
-    return Group(name, str(entry.get("title") or name), tuple(str(m) for m in members),
-                 {norm: tuple(float(r) for r in values) for norm, values in radii.items()})
-
-
-def load_study(study_dir: str | Path) -> Study:
-    """Read ``<study_dir>/study.json`` (``study_dir`` may also be the file itself).
-
-    Raises FileNotFoundError when it is missing and ``StudyError`` when it is not valid JSON or
-    lacks the expected keys; both name the file and the fix. Without ``report.groups`` there is
-    one group 'all' with every experiment and ``DEFAULT_RADII``.
-    """
-    path = Path(study_dir)
-    path = path if path.name == STUDY_FILE and not path.is_dir() else path / STUDY_FILE
-    root = path.parent.resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"no {STUDY_FILE} in {root}: this is not a finished study folder; {_FIX} "
-                                "(it writes study.json beside the experiment folders)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise StudyError(f"{path} is corrupt ({err}); {_FIX} (again) to rewrite it") from err
-    data = _need(data, dict, "the top level", path)
-    entries = _need(data.get("experiments"), list, "experiments", path)
-    experiments = tuple(_parse_experiment(e, i, root, path) for i, e in enumerate(entries))
-    report = _need(data.get("report") or {}, dict, "report", path)
-    raw_groups = _need(report.get("groups") or [], list, "report.groups", path)
-    groups = tuple(_parse_group(g, i, path) for i, g in enumerate(raw_groups))
-    if not groups:
-        groups = (Group("all", "All experiments", tuple(e.name for e in experiments), dict(DEFAULT_RADII)),)
-    name = str(data.get("study") or root.name)
-    reference = report.get("reference")
-    return Study(name, str(data.get("description") or ""), root, experiments, groups,
-                 Path(_need(reference, str, "report.reference", path)) if reference is not None else None)
+def describe(exp: StudyExperiment) -> dict[str, Any]:
+    """The columns that identify an experiment in every study table."""
+    return {"experiment": exp.name, "label": exp.label, "noise": exp.noise_label, "sigma": exp.sigma,
+            "train_mode": exp.train_mode}
 
 
 # --------------------------------------------------------------------------- reading results
 
 
 def _why_missing(exp: StudyExperiment, stage: str) -> str:
-    if exp.stages and stage not in exp.stages:
+    if stage not in exp.experiment.stages:
         return f"it has no {stage} stage"
     return f"its {stage} stage failed or has not run"
 
 
-def _read_result(exp: StudyExperiment, group: Group, path: Path, stage: str,
+def _read_result(exp: StudyExperiment, group: ReportGroup, path: Path, stage: str,
                  reader: Callable[[Path], pd.DataFrame], log: Log, skipped: str = "",
                  why: str = "", required: Sequence[str] = ()) -> pd.DataFrame | None:
     """``reader(path)``, or None with a note naming the experiment when it is missing, unreadable,
@@ -278,27 +108,27 @@ def _read_result(exp: StudyExperiment, group: Group, path: Path, stage: str,
     return frame
 
 
-def certify_tables(study: Study, group: Group, log: Log = print) -> dict[str, pd.DataFrame]:
+def certify_tables(study: Study, group: ReportGroup, log: Log = print) -> dict[str, pd.DataFrame]:
     """{experiment name: its ``results/certify.csv``} for the group's experiments that have one."""
     tables = {}
-    for exp in study.members(group, log):
-        table = _read_result(exp, group, layout.table_paths(exp.results, layout.CERTIFY_TABLE)[0], "certify", certify_stage.read_table, log,
-                             required=_CERTIFY_REQUIRED)
+    for exp in map(study.get, group.experiments):
+        path = layout.table_paths(experiment_results(study, exp), layout.CERTIFY_TABLE)[0]
+        table = _read_result(exp, group, path, "certify", certify_stage.read_table, log, required=_CERTIFY_REQUIRED)
         if table is not None:
             tables[exp.name] = table
     return tables
 
 
-def lbound_certify_tables(study: Study, group: Group, names: Iterable[str],
+def lbound_certify_tables(study: Study, group: ReportGroup, names: Iterable[str],
                           log: Log = print) -> dict[str, pd.DataFrame]:
     """{experiment: ``results/lbound_certify.csv``} for the experiments among ``names`` certified with
     ``certify.deterministic`` (the setting that writes that file)."""
     out = {}
     for name in names:
-        exp = study.experiment(name)
-        if not exp.section("certify").get("deterministic"):
+        exp = study.get(name)
+        if exp.experiment.certify is None or not exp.experiment.certify.deterministic:
             continue
-        path = exp.results / layout.LBOUND_CERTIFY
+        path = experiment_results(study, exp) / layout.LBOUND_CERTIFY
         table = _read_result(exp, group, path, "certify", pd.read_csv, log, skipped="no L-bound curve for",
                              required=LBOUND_COLUMNS)
         if table is not None:
@@ -306,16 +136,16 @@ def lbound_certify_tables(study: Study, group: Group, names: Iterable[str],
     return out
 
 
-def attack_tables(study: Study, group: Group, log: Log = print) -> dict[tuple[str, str], pd.DataFrame]:
+def attack_tables(study: Study, group: ReportGroup, log: Log = print) -> dict[tuple[str, str], pd.DataFrame]:
     """{(experiment, attack): its ``results/attack_<attack>.csv``} for the group's attacked experiments."""
     tables = {}
-    for exp in study.members(group, log):
-        names = exp.attack_names
+    for exp in map(study.get, group.experiments):
+        names = attack_names(study, exp)
         if not names:
             log(f"note: group {group.name!r}: skipping {exp.name!r} ({exp.label}) in attack plots: no attack "
-                f"results in {exp.results} ({_why_missing(exp, 'attack')})")
+                f"results in {experiment_results(study, exp)} ({_why_missing(exp, 'attack')})")
         for attack in names:
-            path = attack_stage.result_path(exp.results, attack)
+            path = attack_stage.result_path(experiment_results(study, exp), attack)
             table = _read_result(exp, group, path, "attack", attack_stage.read_table, log)
             if table is not None:
                 tables[exp.name, attack] = table
@@ -331,7 +161,7 @@ def _by_experiment(tables: Mapping[tuple[str, str], pd.DataFrame]) -> dict[str, 
 
 def _tag(frame: pd.DataFrame, exp: StudyExperiment, **extra: Any) -> pd.DataFrame:
     """``frame`` with the experiment's identifying columns (and ``extra``) in front."""
-    front = {**exp.describe(), **extra}
+    front = {**describe(exp), **extra}
     return frame.assign(**front)[[*front, *(c for c in frame.columns if c not in front)]]
 
 
@@ -354,7 +184,7 @@ def reference_rows(study: Study, names: Iterable[str], log: Log = print) -> pd.D
         return pd.DataFrame(columns=columns)
     parts = []
     for name in names:
-        exp = study.experiment(name)
+        exp = study.get(name)
         rows = published[published["experiment"].astype(str).isin({exp.name, exp.label})]
         parts.append(rows.assign(experiment=exp.name, label=exp.label)[columns])
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
@@ -380,9 +210,9 @@ def families(study: Study, names: Iterable[str]) -> dict[str, str]:
 
     Experiments of one family differ (at most) by sigma: envelopes and best-sigma tables are per family.
     """
-    exps = [study.experiment(n) for n in names]
+    exps = [study.get(n) for n in names]
     several = len({e.train_mode for e in exps}) > 1
-    return {e.name: f"{e.noise}, {e.train_mode or 'no'} training" if several else e.noise for e in exps}
+    return {e.name: f"{e.noise_label}, {e.train_mode or 'no'} training" if several else e.noise_label for e in exps}
 
 
 def sigma_sweeps(study: Study, names: Iterable[str]) -> dict[str, list[str]]:
@@ -390,7 +220,7 @@ def sigma_sweeps(study: Study, names: Iterable[str]) -> dict[str, list[str]]:
     members: dict[str, list[str]] = {}
     for name, family in families(study, names).items():
         members.setdefault(family, []).append(name)
-    return {f: ns for f, ns in members.items() if len({study.experiment(n).sigma for n in ns}) >= 2}
+    return {f: ns for f, ns in members.items() if len({study.get(n).sigma for n in ns}) >= 2}
 
 
 def group_curves(study: Study, tables: Mapping[str, pd.DataFrame], norms: Sequence[str] = NORM_LABELS,
@@ -403,7 +233,7 @@ def group_curves(study: Study, tables: Mapping[str, pd.DataFrame], norms: Sequen
     family = families(study, tables)
     parts = []
     for name, table in tables.items():
-        exp = study.experiment(name)
+        exp = study.get(name)
         parts.append(_tag(metrics.accuracy_curves(table, norms), exp, family=family[name]))
         if lbounds is not None and name in lbounds and "l2" in norms:
             lbound = metrics.lbound_as_table(lbounds[name])
@@ -425,7 +255,7 @@ def _units(study: Study, names: Sequence[str]) -> list[tuple[str, list[str]]]:
                 seen.add(family[name])
                 units.append((family[name], sweeps[family[name]]))
         else:
-            units.append((study.experiment(name).label, [name]))
+            units.append((study.get(name).label, [name]))
     return units
 
 
@@ -439,14 +269,14 @@ def accuracy_at_radii(study: Study, tables: Mapping[str, pd.DataFrame],
     """
     rows = []
     for unit, names in _units(study, list(tables)):
-        names = sorted(names, key=lambda n: study.experiment(n).sigma)
+        names = sorted(names, key=lambda n: study.get(n).sigma)
         for norm, values in radii.items():
             values = [float(r) for r in values]
             accuracy = np.vstack([certified_accuracy(tables[n], values, norm) for n in names])
             for j, radius in enumerate(values):
                 best = int(np.argmax(accuracy[:, j]))
-                exp = study.experiment(names[best])
-                rows.append({"unit": unit, "noise": exp.noise, "train_mode": exp.train_mode, "norm": norm,
+                exp = study.get(names[best])
+                rows.append({"unit": unit, "noise": exp.noise_label, "train_mode": exp.train_mode, "norm": norm,
                              "radius": radius, "certified_accuracy": float(accuracy[best, j]), "sigma": exp.sigma,
                              "experiment": exp.name, "label": exp.label, "candidates": len(names)})
     columns = ["unit", "noise", "train_mode", "norm", "radius", "certified_accuracy", "sigma", "experiment",
@@ -473,14 +303,14 @@ def accuracy_at_radii_wide(table: pd.DataFrame) -> pd.DataFrame:
 def acr_table(study: Study, tables: Mapping[str, pd.DataFrame],
               norms: Sequence[str] = NORM_LABELS) -> pd.DataFrame:
     """Per experiment and norm: ``metrics.certify_summary`` (accuracy at r = 0, abstain rate, ACR, radii)."""
-    parts = [_tag(metrics.certify_summary(table, norms).reset_index(), study.experiment(name))
+    parts = [_tag(metrics.certify_summary(table, norms).reset_index(), study.get(name))
              for name, table in tables.items()]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def _device(exp: StudyExperiment) -> str | None:
+def _device(results: Path) -> str | None:
     try:
-        meta = json.loads(layout.table_paths(exp.results, layout.CERTIFY_TABLE)[1].read_text(encoding="utf-8"))
+        meta = json.loads(layout.table_paths(results, layout.CERTIFY_TABLE)[1].read_text(encoding="utf-8"))
         return f"{meta['device']} ({meta['provenance']['device']})"
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -494,16 +324,17 @@ def timing_table(study: Study, tables: Mapping[str, pd.DataFrame],
     """
     rows = []
     for name, table in tables.items():
-        exp = study.experiment(name)
+        exp = study.get(name)
         n0, n = int(table["n0"].iloc[0]), int(table["n"].iloc[0])
         t = metrics.certify_timing(table, n0, n)
-        row = {**exp.describe(), "images": len(table), "n0": n0, "n": n,
+        row = {**describe(exp), "images": len(table), "n0": n0, "n": n,
                "mc_prediction_s_per_image": t["seconds_predict_per_image"],
                "mc_estimation_s_per_image": t["seconds_certify_per_image"],
                "mc_certification_s_per_image": t["seconds_per_image"],
                "samples_per_second": t["samples_per_second"],
                "deterministic_s_per_image": math.nan, "mc_prediction_over_deterministic": math.nan,
-               "mc_certification_over_deterministic": math.nan, "device": _device(exp)}
+               "mc_certification_over_deterministic": math.nan,
+               "device": _device(experiment_results(study, exp))}
         if lbounds is not None and name in lbounds:
             one = float(lbounds[name]["seconds"].mean())
             row["deterministic_s_per_image"] = one
@@ -528,7 +359,7 @@ def attack_cdf(study: Study, tables: Mapping[tuple[str, str], pd.DataFrame], nor
     parts = []
     for name, attacks in _by_experiment(tables).items():
         cdf = metrics.distance_cdf(attacks, norm, end)
-        parts.append(_tag(cdf.assign(percent_attacked=100.0 * cdf["fraction"]), study.experiment(name)))
+        parts.append(_tag(cdf.assign(percent_attacked=100.0 * cdf["fraction"]), study.get(name)))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
@@ -553,12 +384,8 @@ def not_certified(study: Study, cert_tables: Mapping[str, pd.DataFrame],
         curve = metrics.accuracy_curves(subset, ["l2"])
         curve = curve.assign(attack=attack, percent_not_certified=100.0 * (1.0 - curve["certified_accuracy"]),
                              images=len(subset), basis=basis)
-        parts.append(_tag(curve.drop(columns=["method", "source"]), study.experiment(name)))
+        parts.append(_tag(curve.drop(columns=["method", "source"]), study.get(name)))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-
-
-def _search_norm(exp: StudyExperiment, attack: str) -> str:
-    return str(exp.section("attack").get("norm", "l2")) if attack == "pgd" else "l2"
 
 
 def attack_summary(study: Study, tables: Mapping[tuple[str, str], pd.DataFrame]) -> pd.DataFrame:
@@ -570,14 +397,15 @@ def attack_summary(study: Study, tables: Mapping[tuple[str, str], pd.DataFrame])
     """
     parts = []
     for (name, attack), table in tables.items():
-        exp = study.experiment(name)
+        exp = study.get(name)
         stats = metrics.attack_summary({attack: table}, ["l2"]).reset_index()
-        parts.append(_tag(stats, exp, target=exp.section("attack").get("target"),
-                          search_norm=_search_norm(exp, attack)))
+        settings = exp.experiment.attack
+        parts.append(_tag(stats, exp, target=settings.target if settings else None,
+                          search_norm=settings.norm if settings and attack == "pgd" else "l2"))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def lbound_distribution(study: Study, group: Group, tables: Mapping[tuple[str, str], pd.DataFrame],
+def lbound_distribution(study: Study, group: ReportGroup, tables: Mapping[tuple[str, str], pd.DataFrame],
                         log: Log = print) -> pd.DataFrame:
     """Per experiment and image: the APPROXIMATE L-bound of ``results/lbound.csv`` and its correctness.
 
@@ -587,10 +415,11 @@ def lbound_distribution(study: Study, group: Group, tables: Mapping[tuple[str, s
     """
     attacks = _by_experiment(tables)
     parts = []
-    for exp in study.members(group, log=lambda _: None):
+    for exp in map(study.get, group.experiments):
         if exp.name not in attacks:
             continue
-        lbound = _read_result(exp, group, layout.table_paths(exp.results, layout.LBOUND_TABLE)[0], "attack", pd.read_csv, log,
+        path = layout.table_paths(experiment_results(study, exp), layout.LBOUND_TABLE)[0]
+        lbound = _read_result(exp, group, path, "attack", pd.read_csv, log,
                               skipped="no L-bound distribution for",
                               why="its attack stage did not finish the L-bound statistics",
                               required=("idx", "label", "correct_top1", "lbound", "sigma"))
@@ -627,7 +456,7 @@ class CertifyGroup:
     ``sweeps``: the families with at least two sigmas (facets and envelopes are drawn only for those).
     """
 
-    group: Group
+    group: ReportGroup
     tables: dict[str, pd.DataFrame]
     lbounds: dict[str, pd.DataFrame]
     curves: pd.DataFrame
@@ -635,7 +464,7 @@ class CertifyGroup:
     reference: pd.DataFrame  # published numbers of the group's experiments (empty without report.reference)
 
 
-def load_certify_group(study: Study, group: Group, log: Log = print) -> CertifyGroup | None:
+def load_certify_group(study: Study, group: ReportGroup, log: Log = print) -> CertifyGroup | None:
     """Read the group's certification results; None (with a note) when no experiment has any."""
     tables = certify_tables(study, group, log)
     if not tables:
@@ -650,13 +479,13 @@ def load_certify_group(study: Study, group: Group, log: Log = print) -> CertifyG
 class AttackGroup:
     """A group's attack data: attack tables, the certify tables of the same experiments, L-bounds."""
 
-    group: Group
+    group: ReportGroup
     tables: dict[tuple[str, str], pd.DataFrame]
     cert_tables: dict[str, pd.DataFrame]
     lbound: pd.DataFrame
 
 
-def load_attack_group(study: Study, group: Group, log: Log = print) -> AttackGroup | None:
+def load_attack_group(study: Study, group: ReportGroup, log: Log = print) -> AttackGroup | None:
     """Read the group's attack results; None (with a note) when no experiment has any."""
     tables = attack_tables(study, group, log)
     if not tables:
@@ -670,17 +499,17 @@ def load_attack_group(study: Study, group: Group, log: Log = print) -> AttackGro
 # --------------------------------------------------------------------------- output files
 
 
-def table_path(study: Study, name: str, group: Group) -> Path:
+def table_path(study: Study, name: str, group: ReportGroup) -> Path:
     """``<study_dir>/results/<name>_<group>.csv``."""
-    return study.results_dir / f"{name}_{group.slug}.csv"
+    return layout.results_dir(study.dir) / f"{name}_{group.name}.csv"
 
 
-def figure_path(study: Study, name: str, group: Group) -> Path:
+def figure_path(study: Study, name: str, group: ReportGroup) -> Path:
     """``<study_dir>/figures/<name>_<group>`` (``plots.save_figure`` adds .png and .pdf)."""
-    return study.figures_dir / f"{name}_{group.slug}"
+    return study.dir / layout.FIGURES / f"{name}_{group.name}"
 
 
-def write_tables(study: Study, group: Group, tables: Mapping[str, pd.DataFrame | None]) -> list[Path]:
+def write_tables(study: Study, group: ReportGroup, tables: Mapping[str, pd.DataFrame | None]) -> list[Path]:
     """Write each non-empty table atomically as ``results/<name>_<group>.csv``; return the paths."""
     written = []
     for name, frame in tables.items():
@@ -699,7 +528,7 @@ class Outputs:
     study: Study
     produced: list[Path] = field(default_factory=list)
 
-    def figure(self, figure: Figure, name: str, group: Group) -> None:
+    def figure(self, figure: Figure, name: str, group: ReportGroup) -> None:
         """Save ``figure`` as ``figures/<name>_<group>.{png,pdf}``, display it (in a notebook), close it."""
         from IPython.display import display
 
@@ -707,7 +536,7 @@ class Outputs:
         display(figure)
         plt.close(figure)
 
-    def tables(self, group: Group, tables: Mapping[str, pd.DataFrame | None]) -> None:
+    def tables(self, group: ReportGroup, tables: Mapping[str, pd.DataFrame | None]) -> None:
         """``write_tables`` and remember the files."""
         self.produced += write_tables(self.study, group, tables)
 
@@ -715,7 +544,7 @@ class Outputs:
 def open_study(study_dir: str | Path, load_group: Callable[..., Any],
                log: Log = print) -> tuple[Study, dict[str, Any], Outputs]:
     """The study, ``load_group(study, group)`` for each group with results (others noted), and its Outputs."""
-    study = load_study(study_dir)
+    study = load_written(study_dir)
     log(f"study {study.name!r}: {study.description}")
     log(f"{len(study.experiments)} experiments, groups: {', '.join(g.name for g in study.groups)}")
     data = {}

@@ -21,7 +21,9 @@ Experiments run into ``outputs/<study>/<name>/`` in dependency order (a ``train.
 experiment is reported, its dependents are not run, the rest of the study continues. The plot
 notebooks (``cert_plots``, ``adv_plots``) then run over the whole study into ``outputs/<study>/``.
 ``--shard i/n`` splits the experiments into n parts along dependency chains (a chain never spans
-two shards); the plots run once every experiment of the study has finished.
+two shards); the plots run once every experiment of the study has finished. The run writes the
+resolved study as ``outputs/<study>/study.json``; ``load_written`` reads it back (the plot notebooks,
+through ``rslib.results``) with the same validation as the study file.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import fnmatch
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -46,6 +49,7 @@ from rslib import layout, params, runner
 from rslib.io import atomic_write_json, atomic_write_text, provenance
 from rslib.locks import LockHeld
 from rslib.noises import NORM_LABELS
+from rslib.noises.curves import spec_label
 from rslib.params import ParamsError
 
 PLOTS = ("cert_plots", "adv_plots")
@@ -67,6 +71,30 @@ class StudyExperiment:
     experiment: params.Experiment
     depends_on: tuple[str, ...] = ()
 
+    @property
+    def noise_label(self) -> str:
+        """The noise with its distribution parameters, e.g. ``'ExpInf(k=10, j=0)'``."""
+        noise = self.experiment.noise
+        return spec_label({"name": noise.name, **noise.params}) if noise is not None else "no noise"
+
+    @property
+    def sigma(self) -> float:
+        """The noise's sigma (NaN without a noise section)."""
+        noise = self.experiment.noise
+        return float(noise.sigma) if noise is not None else math.nan
+
+    @property
+    def train_mode(self) -> str | None:
+        """``train.mode`` (None without a train section)."""
+        train = self.experiment.train
+        return train.mode if train is not None else None
+
+    @property
+    def deterministic(self) -> bool:
+        """A Gaussian-averaged model: ``certify.deterministic`` or trained in mode 'heat'."""
+        certify = self.experiment.certify
+        return bool(certify is not None and certify.deterministic) or self.train_mode == "heat"
+
 
 @dataclass(frozen=True)
 class ReportGroup:
@@ -76,6 +104,11 @@ class ReportGroup:
     title: str
     experiments: tuple[str, ...]
     radii: dict[str, list[float]]
+
+    @property
+    def norms(self) -> list[str]:
+        """The norms of the group (the keys of ``radii``)."""
+        return list(self.radii)
 
 
 @dataclass(frozen=True)
@@ -87,13 +120,18 @@ class Study:
     experiments: list[StudyExperiment]
     groups: list[ReportGroup]
     plots: tuple[str, ...]
-    source: Path | None = None
+    source: Path | None = None  # the file it was read from: the study YAML, or study.json (load_written)
     salts: dict[str, str] = field(default_factory=dict)
     reference: str | None = None  # absolute path of the published certified accuracies (report.reference)
+    dir: Path | None = None  # the study folder, when read back from its study.json (load_written)
 
     def get(self, name: str) -> StudyExperiment:
-        """The experiment called ``name``."""
-        return next(e for e in self.experiments if e.name == name)
+        """The experiment called ``name`` (KeyError naming the known ones otherwise)."""
+        for e in self.experiments:
+            if e.name == name:
+                return e
+        raise KeyError(f"study {self.name!r} has no experiment {name!r}; it has "
+                       f"{', '.join(e.name for e in self.experiments)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-able resolved study (every experiment with all its parameters)."""
@@ -170,15 +208,26 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
     return dict(value)
 
 
+def _list(raw: Mapping[str, Any], key: str, label: str) -> list[Any]:
+    value = raw.get(key) or []
+    if not isinstance(value, list):
+        raise ParamsError(f"{label}: {key} must be a list of mappings, got {value!r}")
+    return value
+
+
+def _study_name(raw: Mapping[str, Any], label: str) -> str:
+    name = raw.get("study")
+    if not isinstance(name, str) or not re.fullmatch(_NAME, name):
+        raise ParamsError(f"{label}: study must be a name of letters, digits, '_', '.' and '-', got {name!r}")
+    return name
+
+
 def _entries(raw: Mapping[str, Any], label: str) -> Iterator[tuple[str, str, dict[str, Any], str]]:
     """(name, label, experiment mapping, where) for every listed and swept experiment."""
     defaults = _mapping(raw.get("defaults"), f"{label}: defaults")
     if "experiment" in defaults:
         raise ParamsError(f"{label}: defaults.experiment is not allowed (each experiment has its own name)")
-    listed = raw.get("experiments") or []
-    if not isinstance(listed, list):
-        raise ParamsError(f"{label}: experiments must be a list of mappings, got {listed!r}")
-    for i, entry in enumerate(listed):
+    for i, entry in enumerate(_list(raw, "experiments", label)):
         where = f"{label}: experiments[{i}]"
         entry = _mapping(entry, where)
         name = entry.pop("name", None)
@@ -186,10 +235,7 @@ def _entries(raw: Mapping[str, Any], label: str) -> Iterator[tuple[str, str, dic
             raise ParamsError(f"{where} needs a 'name' (the experiment's output folder)")
         title = entry.pop("label", name)
         yield name, str(title), deep_merge(defaults, entry), f"{where} ('{name}')"
-    sweeps = raw.get("sweeps") or []
-    if not isinstance(sweeps, list):
-        raise ParamsError(f"{label}: sweeps must be a list of mappings, got {sweeps!r}")
-    for i, sweep in enumerate(sweeps):
+    for i, sweep in enumerate(_list(raw, "sweeps", label)):
         where = f"{label}: sweeps[{i}]"
         sweep = _mapping(sweep, where)
         unknown = sorted(set(sweep) - set(_SWEEP_KEYS), key=str)
@@ -311,8 +357,10 @@ def _groups(raw: Any, names: Sequence[str], label: str) -> list[ReportGroup]:
 REFERENCE_COLUMNS = ("experiment", "radius", "accuracy", "source")
 
 
-def _reference(raw: Any, path: Path, experiments: Sequence[StudyExperiment], label: str) -> str | None:
-    """``report.reference``: a CSV of published numbers, relative to the study file; checked now."""
+def _reference(raw: Any, path: Path, experiments: Sequence[StudyExperiment], label: str,
+               check: bool = True) -> str | None:
+    """``report.reference``: a CSV of published numbers, relative to the study file; read and checked
+    now unless ``check`` is false."""
     value = (raw or {}).get("reference") if isinstance(raw, Mapping) else None
     if value is None:
         return None
@@ -320,6 +368,8 @@ def _reference(raw: Any, path: Path, experiments: Sequence[StudyExperiment], lab
     if not isinstance(value, str):
         raise ParamsError(f"{where} must be the path of a CSV file (relative to the study file), got {value!r}")
     csv = (path.parent / value).resolve()
+    if not check:
+        return str(csv)
     try:
         table = pd.read_csv(csv)
     except (OSError, ValueError) as err:
@@ -380,36 +430,85 @@ def load(path: str | os.PathLike[str], **overrides: Any) -> Study:
     unknown = sorted(set(raw) - set(_TOP_KEYS), key=str)
     if unknown:
         raise ParamsError(f"{label}: unknown key '{unknown[0]}' (valid keys of a study: {', '.join(_TOP_KEYS)})")
-    name = raw.get("study")
-    if not isinstance(name, str) or not re.fullmatch(_NAME, name):
-        raise ParamsError(f"{label}: study must be a name of letters, digits, '_', '.' and '-', got {name!r}")
+    name = _study_name(raw, label)
     entries = list(_entries(raw, label))
     _check_overrides_keep_sweeps(raw, overrides, label)
-    if not entries:
-        raise ParamsError(f"{label}: the study has no experiments (add 'experiments' or 'sweeps')")
-    names = [e[0] for e in entries]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ParamsError(f"{label}: experiment name {repeated[0]!r} is used twice (names are output folders)")
     used: set[str] = set()
-    experiments = []
+    validated = []
     for exp_name, title, exp_raw, where in entries:
         exp_raw, applied = _override_experiment({**exp_raw, "experiment": exp_name}, overrides, where)
         used |= applied
-        exp = params.validate(exp_raw, source=path, label=where)
-        experiments.append(StudyExperiment(exp_name, title, exp, _dependencies(exp, names, where)))
+        validated.append((exp_name, title, params.validate(exp_raw, source=path, label=where), where))
     unused = sorted(set(overrides) - used)
-    if unused:
+    if unused and entries:  # without experiments, _assemble says so
         raise ParamsError(f"{label}: override '{unused[0]}' concerns no experiment of the study")
+    return _assemble(name, raw, validated, label, path)
+
+
+def _assemble(name: str, raw: Mapping[str, Any], validated: Sequence[tuple[str, str, params.Experiment, str]],
+              label: str, source: Path, folder: Path | None = None) -> Study:
+    """The study of validated experiments (name, label, parameters, where in the file): their
+    dependencies and order, the report and the plots. ``folder``: read back from a study folder
+    (``load_written``), whose ``report.reference`` is kept as a path and not read again."""
+    if not validated:
+        raise ParamsError(f"{label}: the study has no experiments (add 'experiments' or 'sweeps')")
+    names = [n for n, *_ in validated]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ParamsError(f"{label}: experiment name {repeated[0]!r} is used twice (names are output folders)")
+    experiments = [StudyExperiment(n, title, exp, _dependencies(exp, names, where))
+                   for n, title, exp, where in validated]
     for e in experiments:
         for dep in e.depends_on:
             if "train" not in next(s for s in experiments if s.name == dep).experiment.stages:
                 raise ParamsError(f"{label}: experiment '{e.name}' reads the checkpoint of '{dep}', "
                                   f"which has no train stage")
     ordered = _order(experiments, label)
-    return Study(name, str(raw.get("description", "")), ordered, _groups(raw.get("report"), names, label),
-                 _plots(raw.get("plots"), ordered, label), path, _salts(ordered),
-                 _reference(raw.get("report"), path, ordered, label))
+    report = raw.get("report")
+    return Study(name, str(raw.get("description", "")), ordered, _groups(report, names, label),
+                 _plots(raw.get("plots"), ordered, label), source, _salts(ordered),
+                 _reference(report, source, ordered, label, check=folder is None), folder)
+
+
+_RUN_FIRST = "run `rslib run <study yaml>` first"
+
+
+def load_written(folder: str | os.PathLike[str]) -> Study:
+    """The study a run wrote into its folder (``study.json``; ``folder`` may also be the file itself).
+
+    Read back like a study file: every experiment's parameters through ``params.validate``, the
+    report groups and plots through the same checks, dependencies, order and salts derived again;
+    ``report.reference`` stays a path (a CSV gone since is noted where the tables are drawn).
+    FileNotFoundError when the file is missing; ParamsError naming the file and the fix when it is
+    corrupt or malformed.
+    """
+    path = Path(folder)
+    path = (path if path.name == layout.STUDY_FILE and not path.is_dir() else path / layout.STUDY_FILE).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"no {layout.STUDY_FILE} in {path.parent}: this is not a finished study folder; "
+                                f"{_RUN_FIRST} (it writes {layout.STUDY_FILE} beside the experiment folders)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ParamsError(f"{path} is corrupt ({err}); {_RUN_FIRST} (again) to rewrite it") from None
+    label = str(path)
+    try:
+        raw = _mapping(raw, f"{label}: the top level")
+        name = _study_name(raw, label)
+        validated = []
+        for i, entry in enumerate(_list(raw, "experiments", label)):
+            where = f"{label}: experiments[{i}]"
+            entry = _mapping(entry, where)
+            exp = params.validate(_mapping(entry.get("params"), f"{where}.params"), label=f"{where}.params")
+            for key in ("name", "dir"):  # an experiment's folder is its name
+                if entry.get(key, exp.experiment) != exp.experiment:
+                    raise ParamsError(f"{where}.{key} {entry[key]!r} is not params.experiment {exp.experiment!r}")
+            validated.append((exp.experiment, str(entry.get("label", exp.experiment)), exp,
+                              f"{where} ('{exp.experiment}')"))
+        return _assemble(name, raw, validated, label, path, path.parent)
+    except ParamsError as err:
+        raise ParamsError(f"{err}; the file is damaged or was not written by this rslib: {_RUN_FIRST} (again) "
+                          "to rewrite it") from None
 
 
 # --------------------------------------------------------------------------- sharding

@@ -16,9 +16,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from rslib import attack_stage, certify_stage, metrics, plots, results  # noqa: E402
+from rslib import attack_stage, certify_stage, layout, metrics, plots, results  # noqa: E402
 from rslib.lbound import COLUMNS as LBOUND_STAT_COLUMNS  # noqa: E402
 from rslib.lbound import LBOUND_COLUMNS  # noqa: E402
+from rslib.params import ParamsError  # noqa: E402
+from rslib.study import ReportGroup, Study, load_written  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 INF = math.inf
@@ -56,10 +58,13 @@ SECONDS_PREDICT, SECONDS_CERTIFY, SECONDS_ONE_PASS = 0.02, 0.5, 0.001
 
 def _params(name: str, noise: str, sigma: float, mode: str, *, attack: bool = False,
             deterministic: bool = False) -> dict:
-    params = {"experiment": name, "seed": 0, "data": {"dataset": "digits"}, "model": {"arch": "small_cnn"},
-              "noise": {"name": noise, "sigma": sigma, "params": {}}, "train": {"mode": mode},
+    """A valid experiment (``params.validate``), as ``study.json`` holds it."""
+    params = {"experiment": name, "stages": ["train", "certify"], "seed": 0, "data": {"dataset": "digits"},
+              "model": {"arch": "small_cnn"}, "noise": {"name": noise, "sigma": sigma, "params": {}},
+              "train": {"mode": mode, **({"heat_base": "baseline"} if mode == "heat" else {})},
               "certify": {"n0": 10, "n": 100, "alpha": 0.001, "deterministic": deterministic}}
     if attack:
+        params["stages"].append("attack")
         params["attack"] = {"attacks": ["ddn", "pgd"], "target": "smoothed", "norm": "l2"}
     return params
 
@@ -76,7 +81,7 @@ EXPERIMENTS = [
 ]
 GROUPS = [
     {"name": "heat_smoothing", "title": "HeatSmoothing comparison",
-     "experiments": ["baseline", "cohen", "broken", "ghost", "heat"], "radii": {"l2": [0.0, 0.25, 0.5]}},
+     "experiments": ["baseline", "cohen", "broken", "heat"], "radii": {"l2": [0.0, 0.25, 0.5]}},
     {"name": "rs4a", "title": "Noises and sigmas",
      "experiments": ["gauss_0.25", "gauss_0.5", "unif_0.25", "unif_0.5"],
      "radii": {"l1": [0.0, 0.5, 1.0], "l2": [0.0, 0.25, 0.5, 1.0]}},
@@ -115,26 +120,25 @@ def _csv(path: Path, frame: pd.DataFrame) -> None:
 
 
 def build_study(root: Path) -> Path:
-    """The synthetic study folder; 'broken' has no results at all and 'ghost' is not in study.json."""
+    """The synthetic study folder (the layout of ``Study.to_dict``); 'broken' has no results at all."""
     experiments = []
     for name, label, params in EXPERIMENTS:
-        stages = ["train", "certify"] + (["attack"] if "attack" in params else [])
-        experiments.append({"name": name, "label": label, "dir": f"exp/{name}", "stages": stages, "params": params})
-        (root / "exp" / name).mkdir(parents=True)
+        experiments.append({"name": name, "label": label, "dir": name, "stages": params["stages"], "params": params})
+        (root / name).mkdir(parents=True)
     for name, rows in CERTIFY.items():
-        _csv(root / "exp" / name / "results" / "certify.csv", _certify_frame(rows))
+        _csv(root / name / "results" / "certify.csv", _certify_frame(rows))
     for (name, attack), rows in ATTACKS.items():
-        _csv(attack_stage.result_path(root / "exp" / name / "results", attack), _attack_frame(attack, rows))
+        _csv(attack_stage.result_path(root / name / "results", attack), _attack_frame(attack, rows))
     for name, values in LBOUND_VALUES.items():
-        _csv(root / "exp" / name / "results" / "lbound.csv", _lbound_frame(values))
+        _csv(root / name / "results" / "lbound.csv", _lbound_frame(values))
     heat = _certify_frame(CERTIFY["heat"])
     lbound = pd.DataFrame({"idx": heat["idx"], "label": 1, "prediction": heat["prediction"].clip(lower=0),
                            "margin": 0.5, "radius": [0.4, 0.3, 0.0, 0.0], "correct": [True, True, False, False],
                            "seconds": SECONDS_ONE_PASS, "norm": "l2", "approximate": True})
-    _csv(root / "exp" / "heat" / "results" / "lbound_certify.csv", lbound[LBOUND_COLUMNS])
+    _csv(root / "heat" / "results" / "lbound_certify.csv", lbound[LBOUND_COLUMNS])
     study = {"study": "synthetic", "description": "hand-made results", "experiments": experiments,
              "report": {"groups": GROUPS}, "provenance": {}}
-    (root / results.STUDY_FILE).write_text(json.dumps(study))
+    (root / layout.STUDY_FILE).write_text(json.dumps(study))
     return root
 
 
@@ -144,11 +148,11 @@ def study_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def study(study_dir) -> results.Study:
-    return results.load_study(study_dir)
+def study(study_dir) -> Study:
+    return load_written(study_dir)
 
 
-def _group(study: results.Study, name: str) -> results.Group:
+def _group(study: Study, name: str) -> ReportGroup:
     return next(g for g in study.groups if g.name == name)
 
 
@@ -165,26 +169,38 @@ def test_load_study(study, study_dir):
     assert study.name == "synthetic" and study.dir == study_dir.resolve()
     assert [g.name for g in study.groups] == ["heat_smoothing", "rs4a", "empty"]
     assert _group(study, "rs4a").norms == ["l1", "l2"]
-    heat = study.experiment("heat")
-    assert heat.dir == study_dir.resolve() / "exp" / "heat" and heat.label == "HeatSmoothing"
-    assert (heat.noise, heat.sigma, heat.train_mode, heat.deterministic) == ("Gaussian", 0.25, "heat", True)
-    assert not study.experiment("cohen").deterministic
-    assert study.experiment("cohen").attack_names == ["ddn", "pgd"]
+    heat = study.get("heat")
+    assert results.experiment_results(study, heat) == study_dir.resolve() / "heat" / "results"
+    assert heat.label == "HeatSmoothing" and heat.depends_on == ("baseline",)
+    assert (heat.noise_label, heat.sigma, heat.train_mode, heat.deterministic) == ("Gaussian", 0.25, "heat", True)
+    assert not study.get("cohen").deterministic
+    assert results.attack_names(study, study.get("cohen")) == ["ddn", "pgd"]
+    assert study.reference is None  # written before report.reference existed: still loads
 
 
 def test_missing_or_corrupt_study_json_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no study\.json in .*rslib run <study yaml>"):
-        results.load_study(tmp_path)
+        load_written(tmp_path)
     (tmp_path / "study.json").write_text('{"study": "x", "experiments": [')
-    with pytest.raises(results.StudyError, match=r"study\.json is corrupt .*rslib run <study yaml>"):
-        results.load_study(tmp_path)
+    with pytest.raises(ParamsError, match=r"study\.json is corrupt .*rslib run <study yaml>"):
+        load_written(tmp_path)
+    fix = r".*the file is damaged .*rslib run <study yaml>"
     (tmp_path / "study.json").write_text('{"study": "x", "experiments": {"a": 1}}')
-    with pytest.raises(results.StudyError, match="experiments must be a list"):
-        results.load_study(tmp_path / "study.json")
-    (tmp_path / "study.json").write_text(json.dumps(
-        {"experiments": [], "report": {"groups": [{"name": "g", "radii": {"l3": [0]}}]}}))
-    with pytest.raises(results.StudyError, match="norm 'l3'"):
-        results.load_study(tmp_path)
+    with pytest.raises(ParamsError, match=r"study\.json: experiments must be a list" + fix):
+        load_written(tmp_path / "study.json")
+    one = {"name": "a", "params": _params("a", "Gaussian", 0.25, "noise")}
+    for report, message in [({"groups": [{"name": "g", "radii": {"l3": [0]}}]}, "radii must map norms .*'l3'"),
+                            # a group member that is no experiment of the study is named
+                            ({"groups": [{"name": "g", "experiments": ["a", "ghost"]}]}, "'ghost' matches no"),
+                            ({"groups": [{"name": "g"}], "reference": 3}, ".reference must be the path")]:
+        (tmp_path / "study.json").write_text(json.dumps({"study": "x", "experiments": [one], "report": report}))
+        with pytest.raises(ParamsError, match=r"study\.json: report.*" + message + fix):
+            load_written(tmp_path)
+    # every experiment's parameters go through params.validate
+    bad = {"name": "a", "params": {**one["params"], "train": {"mode": "noise", "epochs": 0}}}
+    (tmp_path / "study.json").write_text(json.dumps({"study": "x", "experiments": [bad]}))
+    with pytest.raises(ParamsError, match=r"study\.json: experiments\[0\]\.params: train\.epochs must be" + fix):
+        load_written(tmp_path)
 
 
 def test_missing_experiments_are_skipped_with_a_note(study):
@@ -192,7 +208,6 @@ def test_missing_experiments_are_skipped_with_a_note(study):
     tables = results.certify_tables(study, _group(study, "heat_smoothing"), log=notes.append)
     assert list(tables) == ["baseline", "cohen", "heat"]
     assert any("'broken'" in n and "certify.csv" in n for n in notes)
-    assert any("'ghost'" in n and "not in study.json" in n for n in notes)
     notes.clear()
     attacks = results.attack_tables(study, _group(study, "heat_smoothing"), log=notes.append)
     assert set(attacks) == {(e, a) for e in ("baseline", "cohen", "heat") for a in ("ddn", "pgd")}
@@ -203,10 +218,10 @@ def test_missing_experiments_are_skipped_with_a_note(study):
 
 
 def test_damaged_result_files_are_skipped_with_a_note(tmp_path):
-    study = results.load_study(build_study(tmp_path))
-    (tmp_path / "exp" / "cohen" / "results" / "certify.csv").write_text("idx,whatever\n1,2\n")
-    (tmp_path / "exp" / "heat" / "results" / "certify.csv").write_text(",".join(certify_stage.ROW_COLUMNS) + "\n")
-    (tmp_path / "exp" / "baseline" / "results" / "attack_pgd.csv").write_bytes(b"\x00\xff garbage")
+    study = load_written(build_study(tmp_path))
+    (tmp_path / "cohen" / "results" / "certify.csv").write_text("idx,whatever\n1,2\n")
+    (tmp_path / "heat" / "results" / "certify.csv").write_text(",".join(certify_stage.ROW_COLUMNS) + "\n")
+    (tmp_path / "baseline" / "results" / "attack_pgd.csv").write_bytes(b"\x00\xff garbage")
     notes: list[str] = []
     group = _group(study, "heat_smoothing")
     assert list(results.certify_tables(study, group, log=notes.append)) == ["baseline"]
@@ -413,9 +428,9 @@ def test_cert_plots_notebook(study_dir, tmp_path, monkeypatch):
     # a number of the written table equals what the CSVs give directly
     best = pd.read_csv(tables / "cert_accuracy_at_radii_rs4a.csv").set_index(["unit", "norm", "radius"])
     direct = max(metrics.certified_accuracy(certify_stage.read_table(
-        study_dir / "exp" / n / "results" / "certify.csv"), [0.5], "l2")[0] for n in ("gauss_0.25", "gauss_0.5"))
+        study_dir / n / "results" / "certify.csv"), [0.5], "l2")[0] for n in ("gauss_0.25", "gauss_0.5"))
     assert best.loc[("Gaussian", "l2", 0.5), "certified_accuracy"] == pytest.approx(direct) == 0.25
-    assert "'broken'" in text and "'ghost'" in text  # the notes name the skipped experiments
+    assert "'broken'" in text  # the notes name the skipped experiments
     assert "figures/cert_envelope_rs4a.pdf" in text  # the list of produced files
 
 
@@ -427,7 +442,7 @@ def test_adv_plots_notebook(study_dir, tmp_path, monkeypatch):
     for name in ("adv_cdf", "adv_not_certified", "adv_summary", "lbound"):
         assert (tables / f"{name}_heat_smoothing.csv").exists(), name
     summary = pd.read_csv(tables / "adv_summary_heat_smoothing.csv").set_index(["experiment", "attack"])
-    rows = attack_stage.read_table(study_dir / "exp" / "cohen" / "results" / "attack_pgd.csv")
+    rows = attack_stage.read_table(study_dir / "cohen" / "results" / "attack_pgd.csv")
     assert summary.loc[("cohen", "pgd"), "success_rate"] == pytest.approx(rows["success"].mean()) == 0.6
     assert summary.loc[("baseline", "ddn"), "median_l2"] == INF
     assert "'broken'" in text and "figures/adv_cdf_heat_smoothing.png" in text

@@ -190,6 +190,10 @@ def test_failure_continues_blocks_dependents_and_resume_finishes(tmp_path: Path,
     assert [e["name"] for e in meta["experiments"]][:2] == ["base", "avg"]
     assert meta["report"]["groups"][1]["experiments"][0] == "n_Uniform_0.25"
     assert meta["provenance"]["rslib_version"]
+    # the study reads back from its folder as it was loaded from the file (dependencies, salts, report)
+    back, loaded = study.load_written(out), study.load(path)
+    assert back.to_dict() == loaded.to_dict() and back.salts == loaded.salts and back.dir == out.resolve()
+    assert back.get("avg").depends_on == ("base",) and back.groups == loaded.groups
 
     # Fixed and run again: finished stages are skipped, the rest completes, plots are redrawn.
     raw["experiments"][0]["train"]["epochs"] = 1
