@@ -44,3 +44,19 @@ def top_logit_gradient_norms(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         logits = model(xg)
         (grad,) = torch.autograd.grad(logits.gather(-1, logits.argmax(-1, keepdim=True)).sum(), xg)
     return grad.flatten(1).norm(dim=1)
+
+
+STAGE_NOTEBOOKS = ("train", "certify", "attack", "cert_plots", "adv_plots")
+
+
+def toy_stage_notebooks(folder, code) -> None:
+    """Write ``<folder>/<stage>.ipynb`` for every stage: a papermill parameters cell, then ``code(stage)``."""
+    import nbformat
+
+    folder.mkdir()
+    for name in STAGE_NOTEBOOKS:
+        nb = nbformat.v4.new_notebook()
+        first = nbformat.v4.new_code_cell('params_file = ""\noutput_dir = ""')
+        first.metadata["tags"] = ["parameters"]
+        nb.cells = [first, nbformat.v4.new_code_cell(code(name))]
+        nbformat.write(nb, folder / f"{name}.ipynb")

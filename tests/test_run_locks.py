@@ -18,6 +18,7 @@ import nbformat
 import pandas as pd
 import pytest
 import yaml
+from helpers import toy_stage_notebooks
 
 from rslib import cli, locks
 from rslib.locks import LOCK_NAME
@@ -33,13 +34,7 @@ time.sleep(SLEEP)
 
 
 def _notebooks(folder: Path, sleep: float = 1.5) -> Path:
-    folder.mkdir()
-    for name in ("train", "certify", "attack", "cert_plots", "adv_plots"):
-        nb = nbformat.v4.new_notebook()
-        first = nbformat.v4.new_code_cell('params_file = ""\noutput_dir = ""')
-        first.metadata["tags"] = ["parameters"]
-        nb.cells = [first, nbformat.v4.new_code_cell(f"NAME = {name!r}\nSLEEP = {sleep}\n" + TOY)]
-        nbformat.write(nb, folder / f"{name}.ipynb")
+    toy_stage_notebooks(folder, lambda name: f"NAME = {name!r}\nSLEEP = {sleep}\n" + TOY)
     return folder
 
 

@@ -12,9 +12,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import nbformat
 import pytest
 import yaml
+from helpers import toy_stage_notebooks
 
 from rslib import cli, study
 from rslib.params import ParamsError
@@ -31,13 +31,7 @@ out.write_text(json.dumps({"stage": NAME, "seed": p.get("seed")}))
 
 
 def _notebooks(folder: Path) -> Path:
-    folder.mkdir()
-    for name in ("train", "certify", "attack", "cert_plots", "adv_plots"):
-        nb = nbformat.v4.new_notebook()
-        first = nbformat.v4.new_code_cell('params_file = ""\noutput_dir = ""')
-        first.metadata["tags"] = ["parameters"]
-        nb.cells = [first, nbformat.v4.new_code_cell(f"NAME = {name!r}\n" + TOY)]
-        nbformat.write(nb, folder / f"{name}.ipynb")
+    toy_stage_notebooks(folder, lambda name: f"NAME = {name!r}\n" + TOY)
     return folder
 
 
