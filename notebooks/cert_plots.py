@@ -68,6 +68,23 @@ for cert in data.values():
                "cert_accuracy", group)
 
 # %% [markdown]
+# ## Draws per image (sequential certification)
+#
+# Only for experiments certified with `certify.radii_of_interest` and `certify.looks > 1`: how many
+# estimation draws each input used before its answer at the radii of interest was settled.
+
+# %%
+for cert in data.values():
+    draws = results.draws_per_image(study, cert.tables)
+    if not len(draws):
+        continue
+    group = cert.group
+    display(Markdown(f"### {group.title}"))
+    out.tables(group, {"cert_draws": draws})
+    out.figure(plots.plot_draws_per_image(draws, title=group.title), "cert_draws", group)
+    display(draws.groupby("label", sort=False)[["n", "n_max"]].mean().round(1))
+
+# %% [markdown]
 # ## Ours against the published numbers
 #
 # Only for studies with `report.reference`: at every published l2 radius, our certified accuracy, the

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from rslib import distributed, layout, models
-from rslib.certify import COLUMNS, SELECTION_COLUMNS, SOURCE_COLUMNS, Smooth
+from rslib.certify import SEQUENTIAL_COLUMNS, SOURCE_COLUMNS, Smooth, frame_columns, look_sizes
 from rslib.data import batch_of, load_dataset, subset
 from rslib.io import atomic_write_text, file_sha256, provenance, read_json_dict
 from rslib.lbound import LBOUND_COLUMNS, lbound_rows
@@ -37,11 +37,12 @@ from rslib.noises import NORM_LABELS, Noise
 from rslib.params import Experiment
 from rslib.resumable import RowSchema, ShardedTable, run_sharded, table_text
 
-#: Columns of ``results/certify.csv``: exactly those of ``Certificate.to_frame()``.
-ROW_COLUMNS = COLUMNS + SOURCE_COLUMNS + SELECTION_COLUMNS
+#: Columns of ``results/certify.csv``: exactly those of ``Certificate.to_frame()`` (sequential
+#: certification adds ``SEQUENTIAL_COLUMNS``).
+ROW_COLUMNS = frame_columns(sequential=False)
 _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-_INT = {"idx", "prediction", "count_top", "count_second", "n0", "n", "selected"}
+_INT = {"idx", "prediction", "count_top", "count_second", "n0", "n", "selected", *SEQUENTIAL_COLUMNS}
 _FLOAT = {"alpha", "prob_lb", "radius_l1", "radius_l2", "radius_linf", "seconds_predict", "seconds_certify"}
 _BOOL = {"correct", "in_selection"}
 _SOURCES = {*NORM_LABELS, "none"}
@@ -67,26 +68,25 @@ def _parse_field(column: str, text: str) -> Any:
     return text
 
 
-def _parse_row(fields: list[str]) -> list[Any]:
-    if len(fields) != len(ROW_COLUMNS):
+def _parse_row(fields: list[str], columns: Sequence[str]) -> list[Any]:
+    if len(fields) != len(columns):
         raise ValueError("wrong number of fields")
-    return [_parse_field(c, v) for c, v in zip(ROW_COLUMNS, fields, strict=True)]
+    return [_parse_field(c, v) for c, v in zip(columns, fields, strict=True)]
 
 
-def rows_frame(rows: Iterable[Sequence[Any]] = ()) -> pd.DataFrame:
+def rows_frame(rows: Iterable[Sequence[Any]] = (), columns: Sequence[str] = ROW_COLUMNS) -> pd.DataFrame:
     """Parsed rows as a frame with ``Certificate.to_frame()``'s columns and dtypes."""
-    frame = pd.DataFrame(list(rows), columns=ROW_COLUMNS)
+    frame = pd.DataFrame(list(rows), columns=list(columns))
     types = {c: "int64" for c in _INT} | {c: "float64" for c in _FLOAT} | {c: "boolean" for c in _BOOL}
     types |= {"label": "Int64"} | {c: "object" for c in SOURCE_COLUMNS}
-    return frame.astype(types)
+    return frame.astype({c: t for c, t in types.items() if c in frame.columns})
 
 
-SCHEMA = RowSchema(ROW_COLUMNS, _parse_row, rows_frame)
-
-
-def certify_table(results: Path) -> ShardedTable:
-    """The sharded table ``results/certify.csv``."""
-    return ShardedTable(results, layout.CERTIFY_TABLE, SCHEMA)
+def certify_table(results: Path, sequential: bool = False) -> ShardedTable:
+    """The sharded table ``results/certify.csv`` (with the sequential columns when ``sequential``)."""
+    columns = frame_columns(sequential)
+    schema = RowSchema(columns, lambda fields: _parse_row(fields, columns), lambda rows: rows_frame(rows, columns))
+    return ShardedTable(results, layout.CERTIFY_TABLE, schema)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -126,7 +126,8 @@ def certify_experiment(experiment: Experiment, output_dir: str | Path | None = N
     spec, data = experiment.certify, experiment.data
     output_dir = layout.stage_output_dir(experiment, output_dir)
     results = layout.results_dir(output_dir)
-    table = certify_table(results)
+    sequential = spec.radii_of_interest is not None
+    table = certify_table(results, sequential)
     ctx = distributed.setup(experiment.device)
     say = log if ctx.is_main else (lambda _: None)
     num_classes = layout.num_classes(experiment)
@@ -145,15 +146,17 @@ def certify_experiment(experiment: Experiment, output_dir: str | Path | None = N
     dataset = load_dataset(data.dataset, "test", data_dir=data.data_dir, download=data.download,
                            seed=experiment.seed)
     _, selection = subset(dataset, spec.skip, spec.max)
-    counter = {"images": 0, "tic": time.perf_counter()}
+    counter = {"images": 0, "samples": 0, "tic": time.perf_counter()}
 
     def certify_chunk(chunk: list[int]) -> tuple[pd.DataFrame, dict[str, str]]:
         x, y = batch_of(dataset, chunk, ctx.device)
-        cert = smooth.certify(x, y, spec.n0, spec.n, spec.alpha, spec.batch_size, spec.topk, indices=chunk)
+        frame = smooth.certify(x, y, spec.n0, spec.n, spec.alpha, spec.batch_size, spec.topk, indices=chunk,
+                               radii_of_interest=spec.radii_of_interest, looks=spec.looks).to_frame()
         counter["images"] += len(chunk)
+        counter["samples"] += int(frame["n0"].sum() + frame["n"].sum())
         elapsed = max(time.perf_counter() - counter["tic"], 1e-9)
-        return cert.to_frame(), {"images/s": f"{counter['images'] / elapsed:.3g}",
-                                 "samples/s": f"{(spec.n0 + spec.n) * counter['images'] / elapsed:.3g}"}
+        return frame, {"images/s": f"{counter['images'] / elapsed:.3g}",
+                       "samples/s": f"{counter['samples'] / elapsed:.3g}"}
 
     def describe(remaining: int) -> str:
         return (f"certifying {len(selection)} test images (skip {spec.skip}, max {spec.max}) on {ctx.world_size} "
@@ -181,16 +184,31 @@ def _metadata(experiment: Experiment, guard: dict[str, str], noise: Noise, info:
     return {
         "experiment": experiment.experiment, "guard": guard, "params": experiment.to_dict(),
         "seed": experiment.seed, "noise": noise.spec(), "noise_description": repr(noise),
-        "checkpoint": info, "columns": ROW_COLUMNS,
+        "checkpoint": info, "columns": list(rows.columns),
         "selection": {"split": "test", "skip": spec.skip, "max": spec.max, "images": len(selection)},
         "world_size": ctx.world_size, "device": str(ctx.device),
-        "timing": {**certify_timing(rows, spec.n0, spec.n), "wall_seconds": wall,
+        "timing": {**certify_timing(rows, spec.n0, float(rows["n"].mean()) if len(rows) else spec.n),
+                   "wall_seconds": wall,
                    "images_certified_in_last_call": fresh,
                    "wall_seconds_per_image": wall / fresh if fresh else None},
         "summary": certify_summary(rows).reset_index().to_dict(orient="records"),
         "accuracy_denominator": "all evaluated images (abstains count as failures)",
         "lbound": None, "provenance": provenance(),
+        "sequential": _sequential_summary(spec, rows),
     }
+
+
+def _sequential_summary(spec, rows: pd.DataFrame) -> dict[str, Any] | None:
+    """How sequential certification went: looks, levels, radii of interest, draws used (None: fixed n)."""
+    if spec.radii_of_interest is None:
+        return None
+    return {"radii_of_interest": spec.radii_of_interest, "looks": spec.looks,
+            "look_sizes": look_sizes(spec.n, spec.looks), "alpha": spec.alpha, "alpha_per_look": spec.alpha / spec.looks,
+            "mean_draws_per_image": float(rows["n"].mean()) if len(rows) else None,
+            "mean_draws_over_n": float(rows["n"].mean()) / spec.n if len(rows) else None,
+            "images_per_stop_look": {int(k): int(v) for k, v in rows["stop_look"].value_counts().sort_index().items()},
+            "note": "certified accuracy is exact at the radii of interest only: between them an input that "
+                    "stopped early reports a looser radius"}
 
 
 def _write_lbound(model: torch.nn.Module, dataset, selection: Sequence[int], sigma: float, spec,

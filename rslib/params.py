@@ -202,6 +202,10 @@ class CertifyParams:
     path or a sibling experiment's name (default: this experiment's ``checkpoints/model.pt``).
     ``deterministic``: the model is a Gaussian-averaged (heat) model; also compute HeatSmoothing's
     approximate L-bound (Gaussian noise only). ``autocast``/``channels_last``: GPU speed levers.
+    ``radii_of_interest`` (e.g. ``{l2: [0.25, 0.5]}``) with ``looks = K > 1``: sequential
+    certification (``rslib.certify.Smooth.certify``): the ``n`` estimation draws come in K doubling
+    looks at level ``alpha / K`` each, and an input stops once more draws cannot change which of these
+    radii it certifies; rows then record the draws used (``n``) and the stopping look.
     """
 
     n0: int = param(100, ge=1)
@@ -216,6 +220,22 @@ class CertifyParams:
     deterministic: bool = param(False)
     autocast: Literal["none", "bf16", "fp16"] = param("none")
     channels_last: bool = param(False)
+    radii_of_interest: dict | None = param(None, expect="a mapping of norms (l1, l2, linf) to lists of radii >= 0")
+    looks: int = param(1, ge=1)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.radii_of_interest is not None:
+            for norm, radii in self.radii_of_interest.items():
+                numbers = isinstance(radii, list) and radii and all(
+                    isinstance(r, int | float) and not isinstance(r, bool) and math.isfinite(r) and r >= 0
+                    for r in radii)
+                if norm not in ("l1", "l2", "linf") or not numbers:
+                    yield "radii_of_interest", (f"must map norms (l1, l2, linf) to non-empty lists of radii >= 0, "
+                                                f"got {norm!r}: {radii!r}")
+        if self.looks > 1 and self.radii_of_interest is None:
+            yield "looks", "> 1 needs certify.radii_of_interest (sequential certification stops on them)"
+        if self.n < 2 ** (self.looks - 1):
+            yield "looks", f"is too many for n = {self.n}: the first of {self.looks} doubling looks would be empty"
 
 
 @dataclass(frozen=True)
@@ -329,7 +349,8 @@ _NOT_IN_STAGE_DIGEST = {"data": ("data_dir", "download", "num_workers", "eval_ba
 #: before they existed: at that value they are left out of the digest, so adding a field never makes
 #: finished work stale. (A new field goes here with its neutral value.)
 _NEUTRAL = {"train": {"stability_divergence": "kl", "channels_last": False},
-            "attack": {"alma_steps": 500, "alma_restarts": 2}}
+            "attack": {"alma_steps": 500, "alma_restarts": 2},
+            "certify": {"radii_of_interest": None, "looks": 1}}
 
 
 @dataclass(frozen=True)

@@ -517,3 +517,23 @@ def plot_lbound_distribution(distribution: pd.DataFrame, title: str | None = Non
                               "is no bound. Right: points below the diagonal are inputs where an attack beat the "
                               "L-bound.", extra)
     return fig
+
+
+def plot_draws_per_image(draws: pd.DataFrame, title: str | None = None) -> Figure:
+    """Histogram of the estimation draws each input used under sequential certification, one colour
+    per model (``rslib.results.draws_per_image`` rows: label, n, n_max)."""
+    style()
+    labels = list(dict.fromkeys(draws["label"]))
+    colors = noise_palette(labels)
+    fig, axes = _panels(1, width=6.0, height=4.0)
+    ax = axes[0]
+    bins = np.unique(np.concatenate([[0], np.sort(draws["n"].unique())]))
+    edges = np.append(bins, bins[-1] * 1.05) if len(bins) > 1 else np.array([0, 1])
+    for label in labels:
+        used = draws.loc[draws["label"] == label, "n"].to_numpy()
+        ax.hist(used, bins=edges, histtype="step", lw=1.8, color=colors[label],
+                label=f"{label} (mean {used.mean():.0f} of {int(draws['n_max'].max())})")
+    ax.set(xlabel="estimation draws used per input", ylabel="inputs")
+    _finish(fig, axes, title, "Sequential certification: each input stops at the first look where more draws "
+                              "cannot change which radii of interest it certifies.")
+    return fig

@@ -316,6 +316,14 @@ def _device(results: Path) -> str | None:
         return None
 
 
+def draws_per_image(study: Study, tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per input of each sequentially certified experiment: the estimation draws it used (``n``), of
+    ``n_max``, and its stopping look. Empty when no experiment used sequential certification."""
+    parts = [_tag(table[["idx", "n", "n_max", "stop_look"]], study.get(name))
+             for name, table in tables.items() if "stop_look" in table.columns]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
 def timing_table(study: Study, tables: Mapping[str, pd.DataFrame],
                  lbounds: Mapping[str, pd.DataFrame] | None = None) -> pd.DataFrame:
     """Seconds per image per experiment: Monte-Carlo prediction (selection, n0 draws), estimation (n),

@@ -285,3 +285,25 @@ def test_certify_params_defaults_and_errors():
     for key, value in [("alpha", 1.0), ("n", 0), ("skip", 0), ("max", 0), ("autocast", "fp8"), ("typo", 1)]:
         with pytest.raises(ParamsError, match=f"certify\\.{key}"):
             validate({"experiment": "x", "stages": ["certify"], "certify": {key: value}})
+
+
+def test_sequential_certification_in_the_stage(trained, tmp_path):
+    from rslib.certify import SEQUENTIAL_COLUMNS, look_sizes, recertify
+    from rslib.noises import make_noise
+
+    exp = with_checkpoint(trained, n=2000, radii_of_interest={"l2": [0.1, 0.2]}, looks=4)
+    csv = certify_stage.certify_experiment(exp, tmp_path, progress=False, log=quiet)
+    table, meta, _ = certify_stage.read_results(tmp_path)
+    assert list(table.columns) == certify_stage.ROW_COLUMNS + SEQUENTIAL_COLUMNS
+    sizes = look_sizes(2000, 4)
+    assert [sizes[k - 1] for k in table["stop_look"]] == table["n"].tolist()
+    assert (table["n_max"] == 2000).all() and table["alpha"].tolist() == pytest.approx([0.001 / 4] * len(table))
+    assert table["n"].mean() < 2000  # easy inputs stop early
+    seq = meta["sequential"]
+    assert seq["look_sizes"] == sizes and seq["mean_draws_per_image"] == pytest.approx(table["n"].mean())
+    again = recertify(pd.read_csv(csv), make_noise("Gaussian", 64, sigma=0.25))
+    np.testing.assert_allclose(again["radius_l2"], table["radius_l2"])
+    with pytest.raises(ParamsError, match="looks > 1 needs certify.radii_of_interest"):
+        experiment(looks=3)
+    with pytest.raises(ParamsError, match="radii_of_interest must map norms"):
+        experiment(radii_of_interest={"l3": [0.1]})

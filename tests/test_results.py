@@ -488,3 +488,13 @@ def test_study_reference_is_checked_when_the_study_loads(tmp_path):
     (tmp_path / "published.csv").write_text("experiment,radius,accuracy,source\na,0,0.9,x\nModel B,0,0.8,x\n")
     loaded = study_mod.load(path)
     assert loaded.to_dict()["report"]["reference"] == str((tmp_path / "published.csv").resolve())
+
+
+def test_draws_per_image_of_sequential_tables(study):
+    tables = results.certify_tables(study, _group(study, "heat_smoothing"), log=lambda _: None)
+    assert results.draws_per_image(study, tables).empty  # fixed-n tables: nothing to show
+    sequential = tables["cohen"].assign(n=[313, 10000, 625, 1250], n_max=10000, stop_look=[1, 6, 2, 3])
+    draws = results.draws_per_image(study, {"cohen": sequential, "heat": tables["heat"]})
+    assert draws["experiment"].unique().tolist() == ["cohen"] and draws["n"].tolist() == [313, 10000, 625, 1250]
+    figure = plots.plot_draws_per_image(draws, "t")
+    assert "mean 3047 of 10000" in figure.axes[0].get_legend_handles_labels()[1][0]
