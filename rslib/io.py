@@ -136,7 +136,7 @@ def _git_state() -> tuple[str | None, bool | None]:
     return commit, (None if status is None else bool(status))
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     with suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -159,7 +159,7 @@ def provenance() -> dict[str, Any]:
         "torch_version": torch.__version__,
         "platform": platform.platform(),
         "hostname": socket.gethostname(),
-        "device": torch.cuda.get_device_name() if cuda else _cpu_name(),
+        "device": torch.cuda.get_device_name() if cuda else cpu_name(),
         "cuda_available": cuda,
         "timestamp_utc": datetime.now(UTC).isoformat(timespec="seconds"),
     }
