@@ -59,8 +59,8 @@ def rows_done(exp_dir: Path, stage: str) -> str:
     if stage == "train":
         epochs = _count_rows([results / layout.TRAIN_METRICS])
         return f"{epochs} epoch(s) done" if epochs else ""
-    pattern = ".certify.rank*.partial.csv" if stage == "certify" else ".attack_*.rank*.partial.csv"
-    rows = _count_rows(sorted(results.glob(pattern)))
+    table = layout.CERTIFY_TABLE if stage == "certify" else layout.attack_table("*")
+    rows = _count_rows(layout.partial_files(results, table))
     return f"{rows} row(s) on disk" if rows else ""
 
 
@@ -80,19 +80,19 @@ def experiment_status(name: str, exp_dir: Path, stages: Sequence[str],
         if marker is not None and (stage not in current or current[stage].action == "skip"):
             out.append(StageStatus(name, exp_dir, stage, "finished", str(marker.get("finished_at", ""))))
             continue
+        progress = rows_done(exp_dir, stage) if first_open else ""  # only the first open stage has rows
         if holder is not None and holder.alive and first_open:
             state, detail = "running", f"by {holder.describe()}"
         elif failed.exists():
             state, detail = "failed", failure_message(failed)
         elif marker is not None:
             state, detail = "outdated", "finished for other parameters; runs again on the next `rslib run`"
-        elif first_open and rows_done(exp_dir, stage):
+        elif progress:
             state, detail = "interrupted", "resumes on the next `rslib run`"
             if holder is not None:
                 detail += f" (its run is gone: {holder.reason})"
         else:
             state, detail = "not started", ""
-        progress = rows_done(exp_dir, stage) if first_open else ""
         out.append(StageStatus(name, exp_dir, stage, state, "; ".join(p for p in (detail, progress) if p)))
         first_open = False
     return out

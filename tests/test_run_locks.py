@@ -22,6 +22,7 @@ from helpers import toy_stage_notebooks
 
 from rslib import cli, locks
 from rslib.locks import LOCK_NAME
+from rslib.status import experiment_status
 
 TOY = """\
 import os, pathlib, time
@@ -132,6 +133,8 @@ def test_a_killed_holder_is_taken_over_and_certification_resumes_from_its_rows(t
     holder.wait()
     assert (folder / LOCK_NAME).exists()
     assert not locks.read_holder(folder).alive
+    (killed,) = experiment_status("killed", folder, ["certify"])
+    assert killed.state == "interrupted" and "row(s) on disk" in killed.detail and "its run is gone" in killed.detail
     resumed = _rslib("stage", "certify", path, "--output-dir", folder, "--no-progress")
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
