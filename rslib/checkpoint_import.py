@@ -135,10 +135,8 @@ def _file_info(container: Mapping[str, Any]) -> dict[str, Any]:
     return info
 
 
-def _sample_keys(keys: Any, limit: int = 8) -> str:
-    keys = list(keys)
-    shown = ", ".join(repr(k) for k in keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+def _sample_keys(keys: Any) -> str:
+    return models.key_sample(keys, 8, repr)
 
 
 def _unknown_layout(obj: Any) -> str:

@@ -31,7 +31,7 @@ import math
 import os
 import re
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -766,8 +766,10 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     return ckpt
 
 
-def _list_keys(keys: list[str], limit: int = 20) -> str:
-    shown = ", ".join(keys[:limit])
+def key_sample(keys: Iterable[Any], limit: int = 20, show: Callable[[Any], str] = str) -> str:
+    """The first ``limit`` keys, comma-separated (each through ``show``), and how many more there are."""
+    keys = list(keys)
+    shown = ", ".join(show(k) for k in keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
@@ -779,7 +781,7 @@ def state_dict_problems(expected: Mapping[str, torch.Tensor], state: Mapping[str
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
                   for k, v in expected.items() if k in state and state[k].shape != v.shape]
     labels = ("missing keys", "unexpected keys", "shape mismatches (given vs model)")
-    return [f"{label}: {_list_keys(keys)}" for label, keys in zip(labels, (missing, unexpected, mismatched),
+    return [f"{label}: {key_sample(keys)}" for label, keys in zip(labels, (missing, unexpected, mismatched),
                                                                   strict=True) if keys]
 
 
