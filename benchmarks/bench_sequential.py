@@ -4,10 +4,17 @@ For a trained checkpoint and its test set, ``Smooth.certify`` runs once with fix
 and once per number of looks K with ``radii_of_interest`` (doubling looks up to ``n``, level
 ``alpha / K`` each). The fixed-n table is also recertified at ``alpha / K`` from its own counts (same
 draws), which separates the cost of the smaller per-look level from the effect of stopping early.
-Gaussian noise; results go to ``benchmarks/results/sequential_<dataset>.json``.
+Gaussian noise; results go to ``benchmarks/results/sequential_<dataset>.json`` (or ``--output``).
+``--fixed-table`` reuses a certify stage's ``results/certify.csv`` of the same checkpoint, seed and images
+as the fixed-n run (rslib's draws depend only on seed and image index, so the rows are the ones this
+script would compute).
 
     python benchmarks/bench_sequential.py --checkpoint /tmp/demo_before/outputs/demo/cohen/checkpoints/model.pt \\
         --dataset digits --sigma 0.25 --n 10000 --looks 4,6,8 --radii 0,0.1,0.2,0.3,0.4,0.5,0.6
+    python benchmarks/bench_sequential.py --dataset mnist --skip 20 --sigma 0.5 --looks 6 \\
+        --radii 0,0.25,0.5,0.75 --checkpoint outputs/mnist_cohen_cpu/cohen_0.50/checkpoints/model.pt \\
+        --fixed-table outputs/mnist_cohen_cpu/cohen_0.50/results/certify.csv \\
+        --output benchmarks/results/sequential_mnist_0.50.json
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ import torch
 
 from rslib import models
 from rslib.certify import Smooth, look_sizes, recertify
-from rslib.data import batch_of, load_dataset
+from rslib.certify_stage import read_table
+from rslib.data import batch_of, load_dataset, subset
 from rslib.io import atomic_write_json, provenance
 from rslib.metrics import certified_accuracy
 from rslib.noises import make_noise, norm_label, parse_norm
@@ -48,30 +56,45 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--looks", type=lambda t: _numbers(t, int), default=[4, 6, 8], help="e.g. 4,6,8")
     parser.add_argument("--radii", type=lambda t: _numbers(t, float), default=[0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     parser.add_argument("--norm", default="l2", help="norm of the radii of interest: l1, l2 or linf")
-    parser.add_argument("--max-images", type=int, default=None, help="first images of the test set (default all)")
+    parser.add_argument("--skip", type=int, default=1, help="every skip-th test image (the certify stage's skip)")
+    parser.add_argument("--max-images", type=int, default=None, help="at most this many images (default all)")
     parser.add_argument("--images-per-batch", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=4096, help="noisy samples per model call")
+    parser.add_argument("--batch-size", default="auto", help="noisy samples per model call (default: measured)")
+    parser.add_argument("--fixed-table", type=Path, default=None,
+                        help="a certify stage's certify.csv for this checkpoint, seed and images: the fixed-n rows")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON report (default benchmarks/results/sequential_<dataset>.json)")
     args = parser.parse_args()
     args.norm = norm_label(parse_norm(args.norm))
+    args.batch_size = "auto" if args.batch_size == "auto" else int(args.batch_size)
     if not Path(args.checkpoint).is_file():
         parser.error(f"no checkpoint at {args.checkpoint}")
     return args
 
 
-def certify_all(smooth: Smooth, dataset, count: int, args: argparse.Namespace,
+def certify_all(smooth: Smooth, dataset, selection: list[int], args: argparse.Namespace,
                 **sequential: Any) -> tuple[pd.DataFrame, float]:
-    """Rows for the first ``count`` images and the wall seconds they took."""
+    """Rows for the selected images and the wall seconds they took."""
     frames, tic = [], time.perf_counter()
-    for start in range(0, count, args.images_per_batch):
-        chunk = list(range(start, min(start + args.images_per_batch, count)))
+    for start in range(0, len(selection), args.images_per_batch):
+        chunk = selection[start:start + args.images_per_batch]
         x, y = batch_of(dataset, chunk, args.device)
         cert = smooth.certify(x, y, args.n0, args.n, args.alpha, args.batch_size, indices=chunk, **sequential)
         frames.append(cert.to_frame())
     return pd.concat(frames, ignore_index=True), time.perf_counter() - tic
+
+
+def saved_fixed(path: Path, selection: list[int], args: argparse.Namespace) -> tuple[pd.DataFrame, float]:
+    """The fixed-n rows of a certify stage's table (checked against the selection and settings) and
+    their recorded seconds."""
+    frame = read_table(path).set_index("idx", drop=False).loc[selection].reset_index(drop=True)
+    settings = (frame["n0"] == args.n0) & (frame["n"] == args.n) & (frame["alpha"] == args.alpha)
+    if not settings.all():
+        raise SystemExit(f"{path} was certified with other n0 / n / alpha than --n0 {args.n0} --n {args.n} "
+                         f"--alpha {args.alpha}")
+    return frame, float(frame["seconds_predict"].sum() + frame["seconds_certify"].sum())
 
 
 def accuracy(frame: pd.DataFrame, args: argparse.Namespace) -> list[float]:
@@ -115,18 +138,23 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model = models.load(args.checkpoint, device=args.device)
     dataset = load_dataset(args.dataset, "test", seed=args.seed)
-    images = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
+    _, selection = subset(dataset, args.skip, args.max_images)
+    images = len(selection)
     smooth = Smooth(model, make_noise("Gaussian", math.prod(model.input_shape), sigma=args.sigma), model.num_classes,
                     seed=args.seed)
-    fixed, fixed_seconds = certify_all(smooth, dataset, images, args)
+    if args.fixed_table is None:
+        fixed, fixed_seconds = certify_all(smooth, dataset, selection, args)
+    else:
+        fixed, fixed_seconds = saved_fixed(args.fixed_table, selection, args)
     rows = []
     for looks in args.looks:
-        run = certify_all(smooth, dataset, images, args, radii_of_interest={args.norm: args.radii}, looks=looks)
+        run = certify_all(smooth, dataset, selection, args, radii_of_interest={args.norm: args.radii}, looks=looks)
         level_only = recertify(fixed, smooth.noise, alpha=args.alpha / looks)
         rows.append(compare(fixed, fixed_seconds, looks, run, level_only, args))
     print_table(rows, args, images)
     out = args.output or Path(__file__).resolve().parent / "results" / f"sequential_{args.dataset}.json"
-    report = {"args": {**vars(args), "output": str(out)}, "images": images, "rows": rows, "provenance": provenance()}
+    report = {"args": {**vars(args), "output": str(out), "fixed_table": args.fixed_table and str(args.fixed_table)},
+              "images": images, "rows": rows, "provenance": provenance()}
     atomic_write_json(out, report)
     print(f"wrote {out}")
 

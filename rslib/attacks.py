@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rslib import autotune
 from rslib.certify import (
     ABSTAIN,
     Smooth,
@@ -271,26 +272,29 @@ def _default_judge(model: nn.Module, topk: int) -> Judge:
 
 
 def majority_vote_judge(model: nn.Module, noise: Noise, n: int, generator: torch.Generator | None = None,
-                        *, batch_size: int = 4096, topk: int = 1) -> Judge:
+                        *, batch_size: int | str = autotune.AUTO, topk: int = 1) -> Judge:
     """Judge by the smoothed hard classifier's majority vote over ``n`` noise draws per input.
 
     Returns the most frequent class (``topk = 1``) or the ``topk`` most frequent classes; never
     abstains (use :func:`smooth_predict_judge` for a judge with a confidence test). Draws come from
     ``generator`` (on the inputs' device) if given; the (input, draw) rows are evaluated in chunks
-    of ``batch_size``.
+    of ``batch_size`` (``"auto"``: measured, see ``rslib.autotune``).
     """
-    if n < 1 or batch_size < 1:
-        raise ValueError(f"n and batch_size must be >= 1; got n={n}, batch_size={batch_size}")
+    autotune.parse_batch_size(batch_size)
+    if n < 1:
+        raise ValueError(f"n must be >= 1; got n={n}")
 
     def judge(x: Tensor) -> Tensor:
-        with eval_mode(model):
-            counts = vote_counts(model, x, n, batch_size, perturb_with(noise, [generator] * len(x)))
+        with eval_mode(model), autotune.tuned(model, x, batch_size=batch_size) as choice:
+            def logits_of(rows: Tensor) -> Tensor:
+                return model(autotune.in_format(rows, choice.channels_last))
+            counts = vote_counts(logits_of, x, n, choice.batch_size, perturb_with(noise, [generator] * len(x)))
         return _topk_labels(counts, topk)
 
     return judge
 
 
-def smooth_predict_judge(smooth: Smooth, n: int, alpha: float, batch_size: int = 4096) -> Judge:
+def smooth_predict_judge(smooth: Smooth, n: int, alpha: float, batch_size: int | str = autotune.AUTO) -> Judge:
     """Judge by ``Smooth.predict(x, n, alpha, batch_size)``: ``ABSTAIN`` unless the top class wins
     the two-sided binomial test at ``alpha``. With a large ``n`` and a small ``alpha`` (e.g. 2000 and
     0.001) Monte-Carlo noise cannot fake a success. Its draws are seeded per position in the batch

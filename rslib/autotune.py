@@ -5,7 +5,11 @@
 time (random rows shaped like ``x``, eval mode; see :func:`measure`), then from a JSON cache on disk
 (``$RSLIB_CACHE_DIR/autotune`` or the user cache dir) and from memory. An integer batch size or an
 explicit memory format overrides the measurement; with both given nothing is measured. The model runs
-in the chosen format inside ``with memory_format(model, choice.channels_last)``.
+in the chosen format inside ``with memory_format(model, choice.channels_last)``; ``with tuned(model, x)
+as choice`` does both, and :func:`in_format` puts a batch of inputs in the chosen layout.
+
+Every Monte-Carlo loop of rslib uses it by default (``batch_size="auto"``): ``Smooth.certify`` and
+``Smooth.predict``, the attacks' judges and ``certify.soft_average``.
 
 The cache key holds the architecture (module classes, parameter and buffer shapes and dtypes, not the
 weights), the per-sample input shape and dtype, autocast, inference or gradient, the device type and
@@ -35,7 +39,7 @@ from rslib.models import eval_mode
 from rslib.noises.tables import cache_dir as tables_cache_dir
 
 AUTO = "auto"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 #: Rows per forward tried, ascending (a sweep stops early; see :func:`measure`).
 CANDIDATES = tuple(2**k for k in range(4, 14))
 #: Seconds a measurement may take in all (the first size is always measured): a sweep in ``SWEEP_SHARE``
@@ -52,9 +56,12 @@ TOLERANCE = 0.05
 #: all); the fastest counts, which is robust to other load on the machine.
 TIMED_REPEATS = 2
 MIN_TIMED_S = 0.02
-#: Seconds the Monte-Carlo loop spends per chunk outside the model (noise calls, bookkeeping), added to
-#: each forward's time: it keeps tiny chunks from winning on forward speed alone.
-CHUNK_OVERHEAD_S = 1e-4
+#: Seconds added to each forward's time for the Monte-Carlo loop's per-chunk work outside the model. Quiet,
+#: that work is small (0.07 ms per 16-row MNIST LeNet chunk on the 2-core development CPU); but when other
+#: processes compete for the cores every parallel region of a chunk may wait on a descheduled thread (21 ms
+#: per 16-row chunk there under load, where 1024-row chunks ran 6x faster). 1 ms keeps tiny chunks from
+#: winning on forward speed alone and costs large ones nothing.
+CHUNK_OVERHEAD_S = 1e-3
 
 #: ``(batch_size, channels_last, images_per_second)``: one measurement.
 Trial = tuple[int, bool, float]
@@ -128,6 +135,21 @@ def choose(model: nn.Module, example: torch.Tensor, *, batch_size: int | str | N
     with _memo_lock:
         _memo[key] = replace(choice, source="cache")
     return choice
+
+
+@contextmanager
+def tuned(model: nn.Module, example: torch.Tensor, *, batch_size: int | str | None = AUTO,
+          channels_last: bool | None = None, autocast: torch.dtype | None = None) -> Iterator[Choice]:
+    """:func:`choose` for inference on inputs like ``example``, with the model in the chosen memory format
+    for the duration of the block (restored after)."""
+    choice = choose(model, example, batch_size=batch_size, channels_last=channels_last, autocast=autocast)
+    with memory_format(model, choice.channels_last):
+        yield choice
+
+
+def in_format(batch: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``batch`` in ``channels_last`` layout when asked and 4-D, else unchanged."""
+    return batch.contiguous(memory_format=torch.channels_last) if channels_last and batch.dim() == 4 else batch
 
 
 def _check_candidates(candidates: Sequence[int]) -> tuple[int, ...]:
@@ -262,9 +284,7 @@ def _timer(model: nn.Module, example: torch.Tensor, channels_last: bool, autocas
         return time.perf_counter() - tic
 
     def seconds(rows: int) -> float:
-        batch = torch.randn(rows, *example.shape[1:], device=device, dtype=example.dtype)
-        if channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
+        batch = in_format(torch.randn(rows, *example.shape[1:], device=device, dtype=example.dtype), channels_last)
         batch.requires_grad_(grad)
         sync()
         forward(batch)

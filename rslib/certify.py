@@ -16,7 +16,9 @@
 
 Noise for input ``i`` comes from its own generator seeded by ``(seed, i)``, so rows do not depend on
 how inputs are batched or sharded across processes. Noise batches pack several inputs so that the
-model always sees full batches, and memory does not grow with ``n``.
+model always sees full batches, and memory does not grow with ``n``. Their size (rows per forward) and
+the model's memory format are measured once per model, input shape, device and dtype by
+``rslib.autotune`` unless given (``batch_size="auto"`` is every loop's default).
 
 This module is the one home of the Monte-Carlo smoothed classifier, hard and soft:
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -43,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rslib import autotune
 from rslib.models import eval_mode
 from rslib.noises import NORMS, Noise, norm_label, parse_norm
 from rslib.stats import clopper_pearson_lower, clopper_pearson_upper, should_abstain
@@ -272,22 +276,25 @@ def vote_counts(logits_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
     return counts
 
 
-def soft_average(model: nn.Module, x: torch.Tensor, noise: Noise, num: int, *, batch_size: int,
-                 generator: torch.Generator | None = None,
+def soft_average(model: nn.Module, x: torch.Tensor, noise: Noise, num: int, *,
+                 batch_size: int | str = autotune.AUTO, generator: torch.Generator | None = None,
                  output: Literal["softmax", "logits"] = "softmax") -> torch.Tensor:
-    """Monte-Carlo estimate of ``E[softmax(model(x + delta))]`` (or of the logits), shape ``(B, K)``.
+    """Monte-Carlo estimate of ``E[softmax(model(x + delta))]`` (or of the logits), shape ``(B, K)``:
+    the smoothed soft classifier.
 
-    ``num`` draws per input from ``generator``, evaluated in eval mode without gradients, averaged in
-    float64 and returned in the model's output dtype: the Gaussian average that a heat-smoothed model
-    approximates, when ``noise`` is Gaussian.
+    ``num`` draws per input from ``generator``, evaluated in eval mode without gradients in chunks of
+    ``batch_size`` rows (``"auto"``: see ``rslib.autotune``), averaged in float64 and returned in the
+    model's output dtype: the Gaussian average that a heat-smoothed model approximates, when ``noise``
+    is Gaussian.
     """
     if output not in ("softmax", "logits"):
         raise ValueError(f"output must be 'softmax' or 'logits'; got {output!r}")
     total: torch.Tensor | None = None
     dtype = x.dtype
-    with torch.no_grad(), eval_mode(model):
-        for owners, noisy in noisy_batches(x, num, batch_size, perturb_with(noise, [generator] * len(x))):
-            out = model(noisy)
+    with torch.no_grad(), eval_mode(model), autotune.tuned(model, x, batch_size=batch_size) as choice:
+        perturb = perturb_with(noise, [generator] * len(x))
+        for owners, noisy in noisy_batches(x, num, choice.batch_size, perturb):
+            out = model(autotune.in_format(noisy, choice.channels_last))
             out = torch.softmax(out, dim=-1) if output == "softmax" else out
             if total is None:
                 dtype = out.dtype
@@ -372,17 +379,32 @@ class Smooth:
     """Monte-Carlo smoothed classifier around ``model`` with ``noise`` (any rslib noise)."""
 
     def __init__(self, model: nn.Module, noise: Noise, num_classes: int, *, seed: int = 0,
-                 autocast: torch.dtype | None = None, channels_last: bool = False) -> None:
+                 autocast: torch.dtype | None = None, channels_last: bool | None = None) -> None:
+        """``channels_last``: run the model in that memory format (``None``: measured, see ``rslib.autotune``).
+
+        ``predict`` and ``certify`` evaluate the noisy rows in chunks of ``batch_size`` rows per forward:
+        ``"auto"`` (default) measures the fastest size once per model, input shape, device and dtype
+        (cached on disk; :attr:`choice` holds the last one used, ``choice.metadata()`` describes it);
+        an integer wins.
+        """
         self.model = model.eval()
         self.noise = noise
         self.num_classes = num_classes
         self.seed = seed
         self.autocast = autocast
         self.channels_last = channels_last
+        self.choice: autotune.Choice | None = None
+
+    @contextmanager
+    def _tuned(self, x: torch.Tensor, batch_size: int | str) -> Iterator[int]:
+        """The rows per forward for inputs like ``x``, with the model in the chosen memory format."""
+        with autotune.tuned(self.model, x, batch_size=batch_size, channels_last=self.channels_last,
+                            autocast=self.autocast) as choice:
+            self.choice = choice
+            yield choice.batch_size
 
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.channels_last and batch.dim() == 4:
-            batch = batch.contiguous(memory_format=torch.channels_last)
+        batch = autotune.in_format(batch, self.choice is not None and self.choice.channels_last)
         if self.autocast is not None:
             with torch.autocast(batch.device.type, dtype=self.autocast):
                 return self.model(batch)
@@ -394,12 +416,14 @@ class Smooth:
                              f"num_classes={self.num_classes}")
         return counts
 
-    def sample_counts(self, x: torch.Tensor, num: int, batch_size: int, indices: Sequence[int],
+    def sample_counts(self, x: torch.Tensor, num: int, batch_size: int | str, indices: Sequence[int],
                       stage: int = _ESTIMATION) -> torch.Tensor:
         """Class counts (B, num_classes) of ``f(x_i + delta)`` over ``num`` draws per input, the draws of
         input ``i`` from its own stream ``(seed, indices[i], stage)``."""
         generators = [_generator(self.seed, int(i), stage, x.device) for i in indices]
-        return self._check_classes(vote_counts(self._logits, x, num, batch_size, perturb_with(self.noise, generators)))
+        with self._tuned(x, batch_size) as rows:
+            counts = vote_counts(self._logits, x, num, rows, perturb_with(self.noise, generators))
+        return self._check_classes(counts)
 
     def _estimation_draw(self, x: torch.Tensor, batch_size: int, indices: Sequence[int]) -> Draw:
         """``draw(active, num)`` for :func:`sequential_counts`: each input's estimation stream continues
@@ -412,7 +436,7 @@ class Smooth:
             return self._check_classes(vote_counts(self._logits, rows, num, batch_size, perturb)).cpu().numpy()
         return draw
 
-    def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int = 4096,
+    def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int | str = autotune.AUTO,
                 indices: Sequence[int] | None = None) -> torch.Tensor:
         """Smoothed prediction per input, ``ABSTAIN`` unless the top class wins a binomial test at ``alpha``."""
         indices = range(len(x)) if indices is None else indices
@@ -424,7 +448,7 @@ class Smooth:
         return labels.to(x.device)
 
     def certify(self, x: torch.Tensor, y: torch.Tensor | None = None, n0: int = 100, n: int = 100_000,
-                alpha: float = 0.001, batch_size: int = 4096, topk: int = 1,
+                alpha: float = 0.001, batch_size: int | str = autotune.AUTO, topk: int = 1,
                 indices: Sequence[int] | None = None, *,
                 radii_of_interest: Mapping[Any, Sequence[float]] | None = None, looks: int = 1) -> Certificate:
         """Certify every input of the batch ``x``; ``y`` (optional) marks rows correct or not.
@@ -475,7 +499,8 @@ class Smooth:
         in_selection = (chosen == torch.as_tensor(labels)[:, None]).any(1).numpy()
         tic = time.perf_counter()
         rule = stopping_rule(self.noise, radii, alpha_look, (labels >= 0) & ~in_selection)
-        counts, stop_look = sequential_counts(self._estimation_draw(x, batch_size, indices), mask, sizes, rule)
+        with self._tuned(x, batch_size) as rows:
+            counts, stop_look = sequential_counts(self._estimation_draw(x, rows, indices), mask, sizes, rule)
         seconds_certify = time.perf_counter() - tic
         used = np.asarray(sizes)[stop_look - 1]
         count_top = (counts * mask).sum(1)

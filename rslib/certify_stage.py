@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from rslib import distributed, layout, models
+from rslib.autotune import AUTO
 from rslib.certify import SEQUENTIAL_COLUMNS, SOURCE_COLUMNS, Smooth, frame_columns, look_sizes
 from rslib.data import batch_of, load_dataset, subset
 from rslib.io import atomic_write_text, file_sha256, provenance, read_json_dict
@@ -142,7 +143,7 @@ def certify_experiment(experiment: Experiment, output_dir: str | Path | None = N
     model = models.load(checkpoint, device=ctx.device)
     noise = layout.experiment_noise(experiment)
     smooth = Smooth(model, noise, num_classes, seed=experiment.seed, autocast=_AUTOCAST[spec.autocast],
-                    channels_last=spec.channels_last)
+                    channels_last=None if spec.channels_last == AUTO else spec.channels_last)
     dataset = load_dataset(data.dataset, "test", data_dir=data.data_dir, download=data.download,
                            seed=experiment.seed)
     _, selection = subset(dataset, spec.skip, spec.max)
@@ -168,6 +169,7 @@ def certify_experiment(experiment: Experiment, output_dir: str | Path | None = N
     if rows is not None:
         meta = _metadata(experiment, guard, noise, info, rows, selection, ctx,
                          wall=time.perf_counter() - started, fresh=fresh)
+        meta["autotune"] = smooth.choice.metadata() if smooth.choice is not None else None
         if spec.deterministic:
             meta["lbound"] = _write_lbound(model, dataset, selection, noise.sigma, spec, ctx.device, results,
                                            meta["timing"]["seconds_predict_per_image"])

@@ -196,12 +196,14 @@ class TrainParams:
 class CertifyParams:
     """Monte-Carlo certification of the test subset (Cohen et al.'s ``certify.py`` settings).
 
-    ``batch_size`` counts noise samples per model forward (they may span several images);
-    ``images_per_batch`` images are certified per call and their rows appended to disk together.
+    ``batch_size`` counts noise samples per model forward (they may span several images): ``auto``
+    measures the fastest size once per model, input shape, device and dtype (``rslib.autotune``, cached
+    on disk, recorded in ``certify.json``); ``channels_last`` (``auto``: measured with it) sets the
+    model's memory format. ``images_per_batch`` images are certified per call and their rows appended to disk together.
     ``skip``/``max``: every ``skip``-th test image, at most ``max`` images. ``checkpoint``: a ``.pt``
     path or a sibling experiment's name (default: this experiment's ``checkpoints/model.pt``).
     ``deterministic``: the model is a Gaussian-averaged (heat) model; also compute HeatSmoothing's
-    approximate L-bound (Gaussian noise only). ``autocast``/``channels_last``: GPU speed levers.
+    approximate L-bound (Gaussian noise only). ``autocast``: a GPU speed lever.
     ``radii_of_interest`` (e.g. ``{l2: [0.25, 0.5]}``) with ``looks = K > 1``: sequential
     certification (``rslib.certify.Smooth.certify``): the ``n`` estimation draws come in K doubling
     looks at level ``alpha / K`` each, and an input stops once more draws cannot change which of these
@@ -211,7 +213,7 @@ class CertifyParams:
     n0: int = param(100, ge=1)
     n: int = param(100_000, ge=1)
     alpha: float = param(0.001, gt=0, lt=1)
-    batch_size: int = param(4096, ge=1)
+    batch_size: int | Literal["auto"] = param("auto", ge=1)
     images_per_batch: int = param(32, ge=1)
     skip: int = param(1, ge=1)
     max: int | None = param(None, ge=1)
@@ -219,7 +221,7 @@ class CertifyParams:
     checkpoint: str | None = param(None)
     deterministic: bool = param(False)
     autocast: Literal["none", "bf16", "fp16"] = param("none")
-    channels_last: bool = param(False)
+    channels_last: bool | Literal["auto"] = param("auto")
     radii_of_interest: dict | None = param(None, expect="a mapping of norms (l1, l2, linf) to lists of radii >= 0")
     looks: int = param(1, ge=1)
 
@@ -247,7 +249,7 @@ class AttackParams:
     the mean softmax over ``draws`` noise draws (fresh at every step with ``fresh_draws``) and a
     success must convince the smoothed prediction (``judge`` 'predict': ``Smooth.predict`` with
     ``judge_n`` draws and its abstain test at ``judge_alpha``; 'vote': a majority vote over
-    ``judge_n`` draws). ``batch_size`` counts noise samples per forward of the judge.
+    ``judge_n`` draws). ``batch_size`` counts noise samples per forward of the judge (``auto``: measured).
     PGD runs in minimal-distance mode in ``norm``: a bisection over the budget in
     ``[0, eps_max]`` (``search_steps`` rounds of ``pgd_steps`` steps). DDN (l2) runs ``ddn_steps``
     steps from the norm ``ddn_init_norm`` with the norm step ``ddn_gamma``. ALMA (l2, Rony et al. 2021)
@@ -276,7 +278,7 @@ class AttackParams:
     judge: Literal["predict", "vote"] = param("predict")
     judge_n: int = param(1000, ge=1)
     judge_alpha: float = param(0.001, gt=0, lt=1)
-    batch_size: int = param(4096, ge=1)
+    batch_size: int | Literal["auto"] = param("auto", ge=1)
     skip: int = param(5, ge=1)
     max: int | None = param(None, ge=1)
     images_per_batch: int = param(64, ge=1)
@@ -353,6 +355,12 @@ _NEUTRAL = {"train": {"stability_divergence": "kl", "channels_last": False},
             "certify": {"radii_of_interest": None, "looks": 1}}
 
 
+#: Fields that only set how fast a stage runs (rows per forward, memory format), not what it computes:
+#: every setting counts in the digest as the value these fields had when digests were first written, so
+#: changing them (or their default becoming ``auto``) never makes finished work stale.
+_SPEED_ONLY = {"certify": {"batch_size": 4096, "channels_last": False}, "attack": {"batch_size": 4096}}
+
+
 @dataclass(frozen=True)
 class Experiment:
     """A validated experiment; sections are attributes (``exp.tutorial``), None when absent."""
@@ -422,7 +430,7 @@ class Experiment:
             if name in full:
                 neutral = _NEUTRAL.get(name, {})
                 data[name] = {k: v for k, v in full[name].items() if k not in _NOT_IN_STAGE_DIGEST.get(name, ())
-                              and not (k in neutral and v == neutral[k])}
+                              and not (k in neutral and v == neutral[k])} | _SPEED_ONLY.get(name, {})
         return _sha256_json(data)
 
 
@@ -518,8 +526,8 @@ def _describe(tp: Any, meta: Mapping[str, Any]) -> str:
     """Human description of the values a field accepts."""
     origin, args = get_origin(tp), get_args(tp)
     if origin in (Union, types.UnionType):
-        (inner,) = [a for a in args if a is not type(None)]
-        return f"{_describe(inner, meta)} or null"
+        inner = " or ".join(_describe(a, meta) for a in args if a is not type(None))
+        return f"{inner} or null" if type(None) in args else inner
     if origin is list:
         head = "a non-empty list" if meta.get("nonempty") else "a list"
         return f"{head}, each item {_describe(args[0], meta)}"
@@ -554,9 +562,12 @@ def _coerce(value: Any, tp: Any, meta: Mapping[str, Any], key: str, source: str)
     origin, args = get_origin(tp), get_args(tp)
     if origin in (Union, types.UnionType):
         if value is None:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, meta, key, source)
+            return None if type(None) in args else _BAD
+        for inner in (a for a in args if a is not type(None)):
+            result = _coerce(value, inner, meta, key, source)
+            if result is not _BAD:
+                return result
+        return _BAD
     if origin is Literal:
         return value if any(value == a and type(value) is type(a) for a in args) else _BAD
     if origin is list:

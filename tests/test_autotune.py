@@ -1,16 +1,19 @@
-"""Automatic batch size and memory format: cache round trip, corruption, keys, overrides, invariance."""
+"""Automatic batch size and memory format: cache round trip, corruption, keys, overrides, invariance, and
+the Monte-Carlo loops that use it by default."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 from rslib import autotune
-from rslib.certify import _generator, perturb_with, vote_counts
+from rslib.attacks import majority_vote_judge
+from rslib.certify import Smooth, _generator, perturb_with, soft_average, vote_counts
 from rslib.noises import make_noise
 
 
@@ -131,3 +134,32 @@ def test_counts_do_not_depend_on_the_batch_size(one_thread):
     reference = counts(choice.batch_size)
     for batch_size in (7, 500, 4096):
         assert torch.equal(counts(batch_size), reference)
+
+
+def test_smooth_uses_the_measured_choice_by_default_and_restores_the_model(counted):
+    model, noise = tiny_cnn(), make_noise("Gaussian", 72, sigma=0.5)
+    x, y = torch.rand(3, 2, 6, 6, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2])
+    smooth = Smooth(model, noise, 3)
+    auto = smooth.certify(x, y, n0=20, n=300).to_frame()
+    assert (smooth.choice.batch_size, smooth.choice.channels_last) == (64, True)   # the fake's fastest
+    assert smooth.choice.metadata()["key"]["input"] == [2, 6, 6]   # what the certificate's metadata records
+    assert smooth.predict(x, n=50, alpha=0.01).shape == (3,)
+    assert smooth.choice.source == "cache" and len(counted) == 1   # measured once, by the selection draws
+    assert model[0].weight.is_contiguous()   # the model is back in its own layout
+    # An integer batch size wins and changes nothing but the chunking.
+    given = Smooth(model, noise, 3, channels_last=True)
+    rows = given.certify(x, y, n0=20, n=300, batch_size=999).to_frame()
+    assert (given.choice.batch_size, given.choice.source) == (999, "given")
+    timing = ["seconds_predict", "seconds_certify"]
+    pd.testing.assert_frame_equal(auto.drop(columns=timing), rows.drop(columns=timing))
+
+
+def test_vote_judge_and_soft_average_default_to_the_measured_choice(counted):
+    model, noise = tiny_cnn(), make_noise("Gaussian", 72, sigma=0.5)
+    x = torch.rand(2, 2, 6, 6, generator=torch.Generator().manual_seed(1))
+    labels = majority_vote_judge(model, noise, 40, torch.Generator().manual_seed(2))(x)
+    assert labels.shape == (2,) and len(counted) == 1
+    average = soft_average(model, x, noise, 40, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(average.sum(1), torch.ones(2)) and len(counted) == 1
+    with pytest.raises(ValueError, match="'auto' or an integer"):
+        majority_vote_judge(model, noise, 40, batch_size=0)

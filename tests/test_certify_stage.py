@@ -123,6 +123,8 @@ def test_certify_writes_one_row_per_selected_image(trained):
     assert meta["provenance"]["torch_version"] == torch.__version__
     assert meta["timing"]["seconds_per_image"] > 0 and meta["lbound"] is None
     assert meta["checkpoint"]["train_mode"] == "noise"
+    # batch_size 1024 was given, the memory format measured (certify.channels_last: auto)
+    assert meta["autotune"]["batch_size"] == 1024 and meta["autotune"]["key"]["formats"] == [False, True]
     l2 = next(s for s in meta["summary"] if s["norm"] == "l2")
     assert l2["certified_accuracy_r0"] == pytest.approx(table["correct"].mean())
 
@@ -280,9 +282,10 @@ def test_certify_params_defaults_and_errors():
     exp = validate({"experiment": "x", "stages": ["certify"]})
     spec = exp.certify
     assert (spec.n0, spec.n, spec.alpha, spec.batch_size, spec.skip, spec.max, spec.topk) == (
-        100, 100_000, 0.001, 4096, 1, None, 1)
+        100, 100_000, 0.001, "auto", 1, None, 1)
     assert exp.data is not None and exp.noise is not None
-    for key, value in [("alpha", 1.0), ("n", 0), ("skip", 0), ("max", 0), ("autocast", "fp8"), ("typo", 1)]:
+    for key, value in [("alpha", 1.0), ("n", 0), ("skip", 0), ("max", 0), ("autocast", "fp8"), ("typo", 1),
+                       ("batch_size", 0), ("channels_last", "yes")]:
         with pytest.raises(ParamsError, match=f"certify\\.{key}"):
             validate({"experiment": "x", "stages": ["certify"], "certify": {key: value}})
 

@@ -291,6 +291,20 @@ def test_fields_at_their_neutral_value_leave_stage_digests_unchanged() -> None:
     assert load_raw({**raw, "train": {"eval_every": 5}}).stage_digest("train") == exp.stage_digest("train")
 
 
+def test_speed_settings_never_make_finished_work_stale() -> None:
+    # certify.batch_size / channels_last and attack.batch_size default to 'auto' (measured) since
+    # the golden digests above were written with 4096 / false: any setting leaves the digests alone.
+    raw = {"experiment": "speed", "stages": ["train", "certify", "attack"]}
+    exp = load_raw(raw)
+    assert (exp.certify.batch_size, exp.certify.channels_last, exp.attack.batch_size) == ("auto", "auto", "auto")
+    fast = load_raw({**raw, "certify": {"batch_size": 1000, "channels_last": True}, "attack": {"batch_size": 64}})
+    for stage in ("certify", "attack"):
+        assert fast.stage_digest(stage) == exp.stage_digest(stage)
+    assert load_raw({**raw, "certify": {"n": 999}}).stage_digest("certify") != exp.stage_digest("certify")
+    with pytest.raises(ParamsError, match="certify.batch_size must be an integer >= 1 or one of 'auto'"):
+        load_raw({**raw, "certify": {"batch_size": "fast"}})
+
+
 def load_raw(raw: dict[str, Any]):
     from rslib.params import validate
 
