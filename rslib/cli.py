@@ -1,5 +1,6 @@
 """The ``rslib`` command line (also ``python -m rslib``): ``run``, ``validate`` and ``resolve`` for experiments
-and studies, and ``stage train|certify|attack`` to run one stage directly (every rank under ``torchrun``)."""
+and studies, ``stage train|certify|attack`` to run one stage directly (every rank under ``torchrun``),
+``status``, ``import-checkpoint`` and ``heat-drift``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from rslib import layout, models, params, study
 from rslib.checkpoint_import import INPUT_LAYERS, SOURCES, import_checkpoint
 from rslib.data import DATASETS
+from rslib.heat_drift import DEFAULT_WIDTHS, experiment_drift
 from rslib.locks import LockHeld, lock_for_rank, sigterm_as_interrupt
 from rslib.runner import (
     LockPolicy,
@@ -107,7 +109,33 @@ def _parser() -> argparse.ArgumentParser:
                         help="override a parameter, as for rslib run")
     status.add_argument("--output-root", default="outputs", metavar="DIR", help="default: outputs")
     status.add_argument("--notebooks-dir", metavar="DIR", help="stage notebooks folder (default: the checkout's)")
+    drift = commands.add_parser(
+        "heat-drift", help="which Gaussian a heat experiment's averaged models approximate, step by step",
+        description="For a finished heat experiment folder: distance of each step's softmax to Monte-Carlo "
+                    "Gaussian averages of its base at a grid of widths, the closest width, accuracy and the "
+                    "Jacobian penalty; writes results/heat_drift.csv and heat_drift.json (see rslib.heat_drift).")
+    drift.add_argument("folder", help="the heat experiment's folder, e.g. outputs/mnist_heat_cpu/heat_seed")
+    drift.add_argument("--images", type=int, default=1000, help="test images (default 1000)")
+    drift.add_argument("--skip", type=int, default=10, help="every skip-th test image (default 10)")
+    drift.add_argument("--draws", type=int, default=512, help="Monte-Carlo draws per image and width (default 512)")
+    drift.add_argument("--widths", default=",".join(f"{w:g}" for w in DEFAULT_WIDTHS),
+                       help="comma-separated Gaussian widths s (the experiment's sigma is added)")
+    drift.add_argument("--device", default="cpu")
     return parser
+
+
+def _heat_drift(args: argparse.Namespace) -> int:
+    """``rslib heat-drift FOLDER``: the drift table, printed and written."""
+    try:
+        widths = [float(w) for w in args.widths.split(",") if w.strip()]
+        table, summary = experiment_drift(args.folder, images=args.images, skip=args.skip, draws=args.draws,
+                                          widths=widths, device=args.device)
+    except (ValueError, FileNotFoundError, models.CheckpointError) as err:
+        print(f"rslib: error: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print({k: summary[k] for k in ("sigma", "tracks_sigma", "final_ratio_to_base", "meets_target")})
+    return EXIT_OK
 
 
 def _only(text: str | None) -> list[str] | None:
@@ -260,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "import-checkpoint":
         return _import_checkpoint(args)
+    if args.command == "heat-drift":
+        return _heat_drift(args)
     try:
         with sigterm_as_interrupt():
             return _command(args)

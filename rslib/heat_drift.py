@@ -1,0 +1,178 @@
+"""Which Gaussian does a heat-averaged model approximate? The per-step drift table of a heat experiment.
+
+Heat smoothing trains models ``v_1, ..., v_T`` (one per step) meant to approximate the Gaussian average
+``A_sigma(x) = E[softmax(u0(x + sigma z))]`` of the base ``u0`` at the certified ``sigma``. For a grid
+of widths ``s`` this module measures, on test images ``x_i``,
+
+    distance_s(v) = mean_i || softmax(v(x_i)) - A_s(x_i) ||_2 ,
+
+with ``A_s`` estimated by Monte Carlo (``certify.soft_average``, ``draws`` per image; its standard
+error is about ``sqrt(tr Cov / draws)``, below 0.02 per image for 512 draws), for the base (step 0) and
+after every step. The width with the smallest distance is the Gaussian the model is closest to; a
+setting *tracks* ``sigma`` when the distance at ``sigma`` falls at every step, and meets rslib's target
+when it ends at most half the base's (:func:`verdict`). Each row also holds the clean accuracy and
+the mean estimate of ``||J||_F^2`` of the softmax output (``heat.jacobian_penalty``).
+
+The base's averages cost ``len(widths) * draws`` forwards per image; they are computed once per base
+checkpoint, image selection, draw count, widths and seed and cached beside the base
+(``results/gaussian_averages_<key>.pt``), so every setting averaged from the same base reuses them.
+``rslib heat-drift FOLDER`` writes ``results/heat_drift.csv`` and ``heat_drift.json`` of a finished
+heat experiment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from rslib import heat, layout, models, params
+from rslib.certify import soft_average
+from rslib.data import batch_of, load_dataset, subset
+from rslib.io import atomic_write_json, atomic_write_text, atomic_writer, file_sha256
+from rslib.models import eval_mode
+from rslib.noises import make_noise
+
+#: Widths of the Gaussian averages compared (the certified sigma is added when missing).
+DEFAULT_WIDTHS = (0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.75, 1.0)
+#: The target: the distance at sigma ends at most this fraction of the base's distance.
+TARGET_RATIO = 0.5
+DRIFT_TABLE = "heat_drift"
+
+
+def distance_column(width: float) -> str:
+    """The table column of the distance to the average at ``width``."""
+    return f"distance_s{width:g}"
+
+
+def gaussian_averages(base: nn.Module, x: torch.Tensor, widths: Sequence[float], draws: int,
+                      seed: int = 0) -> torch.Tensor:
+    """``(W, B, K)``: Monte-Carlo ``E[softmax(base(x + s z))]`` for each width ``s`` (``draws`` per image)."""
+    dim = math.prod(x.shape[1:])
+    out = []
+    for j, width in enumerate(widths):
+        generator = torch.Generator(device=x.device).manual_seed(seed * 1_000 + j)
+        out.append(soft_average(base, x, make_noise("Gaussian", dim, sigma=float(width)), draws,
+                                generator=generator).float())
+    return torch.stack(out)
+
+
+def softmax_distances(model: nn.Module, x: torch.Tensor, averages: torch.Tensor) -> torch.Tensor:
+    """``(W,)``: mean over images of ``||softmax(model(x_i)) - averages[w, i]||_2`` for every width."""
+    with torch.no_grad(), eval_mode(model):
+        probs = torch.softmax(model(x), dim=-1).float()
+    return (probs.unsqueeze(0) - averages).norm(dim=-1).mean(dim=1)
+
+
+def step_row(step: int, model: nn.Module, x: torch.Tensor, y: torch.Tensor, averages: torch.Tensor,
+             widths: Sequence[float], *, penalty_draws: int = 10, penalty_eps: float = 0.01,
+             chunk: int = 250, seed: int = 0) -> dict[str, Any]:
+    """One row of the drift table: distances per width, the closest width, accuracy and penalty."""
+    distances = softmax_distances(model, x, averages)
+    with torch.no_grad(), eval_mode(model):
+        accuracy = float((model(x).argmax(1) == y).float().mean())
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    with eval_mode(model):
+        penalties = [float(heat.jacobian_penalty(model, x[i:i + chunk], draws=penalty_draws, eps=penalty_eps,
+                                                 generator=generator, output="softmax").detach()) * len(x[i:i + chunk])
+                     for i in range(0, len(x), chunk)]
+    best = int(distances.argmin())
+    return {"step": step, **{distance_column(w): float(d) for w, d in zip(widths, distances, strict=True)},
+            "closest_width": float(widths[best]), "accuracy": accuracy, "jacobian_penalty": sum(penalties) / len(x)}
+
+
+def drift_table(base: nn.Module, steps: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor,
+                widths: Sequence[float], averages: torch.Tensor, sigma: float, **row_options: Any) -> pd.DataFrame:
+    """Rows for the base (step 0) and every step's model, with the distance at ``sigma`` relative to the
+    base's (``ratio_to_base``)."""
+    rows = [step_row(k, model, x, y, averages, widths, **row_options) for k, model in enumerate([base, *steps])]
+    table = pd.DataFrame(rows)
+    at_sigma = table[distance_column(sigma)]
+    table["ratio_to_base"] = at_sigma / at_sigma.iloc[0]
+    return table
+
+
+def verdict(table: pd.DataFrame, sigma: float) -> dict[str, Any]:
+    """Whether the distance at ``sigma`` falls at every step (``tracks_sigma``) and ends at most
+    ``TARGET_RATIO`` of the base's (``meets_target``: both)."""
+    at_sigma = table[distance_column(sigma)].to_numpy()
+    falls = bool((at_sigma[1:] < at_sigma[:-1]).all())
+    final = float(table["ratio_to_base"].iloc[-1])
+    return {"tracks_sigma": falls, "final_ratio_to_base": final,
+            "meets_target": falls and final <= TARGET_RATIO, "target_ratio": TARGET_RATIO}
+
+
+def with_sigma(widths: Sequence[float], sigma: float) -> list[float]:
+    """The widths, ascending, with ``sigma`` among them."""
+    return sorted({float(w) for w in widths} | {float(sigma)})
+
+
+def cached_averages(base_path: Path, base: nn.Module, x: torch.Tensor, selection: Sequence[int],
+                    widths: Sequence[float], draws: int, seed: int, folder: Path) -> torch.Tensor:
+    """:func:`gaussian_averages`, read from ``folder`` when computed before for the same base weights,
+    images, widths, draws and seed (an unreadable or foreign file is recomputed and replaced)."""
+    key = json.dumps({"base_sha256": file_sha256(base_path), "images": list(map(int, selection)),
+                      "widths": list(widths), "draws": draws, "seed": seed}, sort_keys=True)
+    path = folder / f"gaussian_averages_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    if path.exists():
+        try:
+            saved = torch.load(path, map_location=x.device, weights_only=True)
+            if saved.get("key") == key:
+                return saved["averages"]
+        except Exception:  # noqa: BLE001 -- any unreadable cache is recomputed
+            pass
+    averages = gaussian_averages(base, x, widths, draws, seed)
+    with atomic_writer(path, "wb") as handle:
+        torch.save({"key": key, "averages": averages.cpu()}, handle)
+    return averages
+
+
+def experiment_drift(exp_dir: str | Path, *, images: int = 1000, skip: int = 10, draws: int = 512,
+                     widths: Sequence[float] = DEFAULT_WIDTHS, device: str = "cpu",
+                     log: Any = print) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The drift table of the finished heat experiment in ``exp_dir`` on every ``skip``-th test image (at
+    most ``images``), written to its ``results/heat_drift.csv`` with ``heat_drift.json`` (settings, verdict)."""
+    exp_dir = Path(exp_dir)
+    source = exp_dir / "params.yaml"
+    if not source.is_file():
+        raise FileNotFoundError(f"no {source}: give the folder of a heat experiment run by rslib")
+    experiment = params.load(source)
+    train = experiment.train
+    if train is None or train.mode != "heat":
+        raise ValueError(f"{exp_dir} is not a heat experiment (train.mode is "
+                         f"{None if train is None else train.mode!r}); the drift table needs heat steps")
+    step_paths = [layout.heat_step_checkpoint(exp_dir, k) for k in range(1, train.heat_steps + 1)]
+    missing = [str(p) for p in step_paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"heat steps not trained yet: {', '.join(missing)} (run the train stage first)")
+    sigma = float(experiment.noise.sigma)
+    widths = with_sigma(widths, sigma)
+    base_path = layout.resolve_checkpoint(train.heat_base, exp_dir)
+    base = models.load(base_path, device=device)
+    dataset = load_dataset(experiment.data.dataset, "test", data_dir=experiment.data.data_dir,
+                           download=experiment.data.download, seed=experiment.seed)
+    _, selection = subset(dataset, skip, images)
+    x, y = batch_of(dataset, selection, torch.device(device))
+    log(f"Gaussian averages of {base_path} at s = {widths} ({draws} draws, {len(selection)} images)")
+    # beside the base when it is an experiment's checkpoint, so every setting averaged from it shares them
+    home = base_path.parent.parent if base_path.parent.name == layout.CHECKPOINTS else exp_dir
+    averages = cached_averages(base_path, base, x, selection, widths, draws, experiment.seed,
+                               layout.results_dir(home))
+    steps = [models.load(path, device=device) for path in step_paths]
+    table = drift_table(base, steps, x, y, widths, averages, sigma, seed=experiment.seed)
+    summary = {"experiment": experiment.experiment, "sigma": sigma, "widths": widths, "draws": draws,
+               "images": len(selection), "skip": skip, "base": str(base_path),
+               "settings": {k: getattr(train, k) for k in ("heat_steps", "heat_gamma", "heat_fidelity", "heat_reinit",
+                                                          "heat_student_noise", "heat_draws", "epochs", "lr")},
+               **verdict(table, sigma)}
+    results = layout.results_dir(exp_dir)
+    atomic_write_text(results / f"{DRIFT_TABLE}.csv", table.to_csv(index=False))
+    atomic_write_json(results / f"{DRIFT_TABLE}.json", summary)
+    return table, summary
