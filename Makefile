@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/rslib run params/demo.yaml
+	$(VENV)/bin/rslib run params/demo.yaml --jobs 2
 
 tutorial: $(STAMP)
 	$(VENV)/bin/rslib run params/tutorial.yaml

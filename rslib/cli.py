@@ -93,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     add("validate", "check a parameter file and show which stages would run or be skipped")
     run = add("run", "execute the stage notebooks of an experiment or a study with papermill")
     run.add_argument("--force", action="store_true", help="re-run stages even if they finished")
+    run.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="studies: run N lanes of experiments at once (dependency chains stay in one lane), "
+                          "torch limited to cpu_count/N threads each (default 1)")
     run.add_argument("--wait", action="store_true",
                      help="when another run holds an experiment (or the study's plots), wait for it, then skip "
                           "what it finished (default: leave it to that run and exit with status 2)")
@@ -222,8 +225,10 @@ def _run_study(args: argparse.Namespace, overrides: dict, only: list[str] | None
         print(study.format_plan(loaded, out, only, False, args.notebooks_dir, count))
         return EXIT_OK
     print(study.format_plan(loaded, out, only, args.force, args.notebooks_dir, count))
+    if args.jobs < 1:
+        raise params.ParamsError(f"--jobs must be >= 1; got {args.jobs}")
     report = study.run_study(loaded, only, args.force, args.output_root, args.notebooks_dir, (index, count),
-                             progress=sys.stderr.isatty(), lock=_lock_policy(args))
+                             progress=sys.stderr.isatty(), lock=_lock_policy(args), jobs=args.jobs)
     print(_study_summary(report))
     if report.ok:
         return EXIT_OK
@@ -319,6 +324,9 @@ def _command(args: argparse.Namespace) -> int:
         return _run_study(args, overrides, only)
     if args.shard != "1/1":
         raise params.ParamsError("--shard splits the experiments of a study; this file is one experiment")
+    if getattr(args, "jobs", 1) != 1:
+        raise params.ParamsError("--jobs runs experiments of a study at once; this file is one experiment, "
+                                 "whose stages run in order")
     if args.command == "validate":
         exp = params.load(args.params, **overrides)
         planned = plan(exp, only, False, args.output_root, args.notebooks_dir)

@@ -21,7 +21,8 @@ Experiments run into ``outputs/<study>/<name>/`` in dependency order (a ``train.
 experiment is reported, its dependents are not run, the rest of the study continues. The plot
 notebooks (``cert_plots``, ``adv_plots``) then run over the whole study into ``outputs/<study>/``.
 ``--shard i/n`` splits the experiments into n parts along dependency chains (a chain never spans
-two shards); the plots run once every experiment of the study has finished. The run writes the
+two shards); the plots run once every experiment of the study has finished. ``--jobs N`` runs N
+such parts at once in one process (see :func:`run_study`). The run writes the
 resolved study as ``outputs/<study>/study.json``; ``load_written`` reads it back (the plot notebooks,
 through ``rslib.results``) with the same validation as the study file.
 """
@@ -36,7 +37,10 @@ import json
 import math
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -528,18 +532,25 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def shard_of(study: Study, count: int) -> dict[str, int]:
     """Shard (1-based) of every experiment: dependency chains stay together, stages balanced greedily."""
-    parent = {e.name: e.name for e in study.experiments}
+    return partition(study.experiments, count)
+
+
+def partition(experiments: Sequence[StudyExperiment], count: int) -> dict[str, int]:
+    """Part (1-based, of ``count``) of every experiment: dependency chains among ``experiments`` stay in
+    one part, and parts are balanced greedily by number of stages."""
+    parent = {e.name: e.name for e in experiments}
 
     def root(name: str) -> str:
         while parent[name] != name:
             name = parent[name]
         return name
 
-    for e in study.experiments:
+    for e in experiments:
         for dep in e.depends_on:
-            parent[root(e.name)] = root(dep)
+            if dep in parent:
+                parent[root(e.name)] = root(dep)
     components: dict[str, list[StudyExperiment]] = {}
-    for e in study.experiments:
+    for e in experiments:
         components.setdefault(root(e.name), []).append(e)
     load = [0] * count
     assignment = {}
@@ -664,6 +675,7 @@ def run_study(
     log: Callable[[str], None] = print,
     progress: bool = False,
     lock: runner.LockPolicy = runner.REFUSE,
+    jobs: int = 1,
 ) -> StudyReport:
     """Run the study's experiments (those of ``shard``) in dependency order, then its plots.
 
@@ -673,38 +685,47 @@ def run_study(
     are skipped). The plot notebooks run, under the study folder's lock, when this call covers the
     whole study (no shard) or when every experiment of the study has finished (the last shard to
     finish draws them; a shard that finds another one drawing them leaves it to that one).
+
+    ``jobs > 1`` runs that many lanes of experiments at once (dependency chains stay in one lane, see
+    :func:`partition`), each stage notebook with ``torch`` limited to ``cpu_count // jobs`` threads
+    (``OMP_NUM_THREADS``, unless set): on a CPU, kernel start-up and imports of one lane overlap the
+    computation of the other without the two oversubscribing the cores.
     """
     check_only(study, only)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1; got {jobs!r}")
     out = study_dir(study, output_root)
     params_file = _write_study_files(study, out)
     mine = shard_of(study, shard[1])
     report = StudyReport(study.name, out)
-    without_model: set[str] = set()  # experiments whose training did not finish
     selected = [e for e in study.experiments if mine[e.name] == shard[0]]
-    for number, e in enumerate(selected, 1):
-        stages = _stage_filter(only, e.experiment)
-        if stages == []:
-            continue
-        log(f"[{number}/{len(selected)}] experiment '{e.name}' ({e.label})")
-        broken = [d for d in e.depends_on if d in without_model]
-        if broken:
-            report.blocked[e.name] = f"not run: it needs the model of '{broken[0]}', whose training did not finish"
-            without_model.add(e.name)
-            log(f"{e.name}: {report.blocked[e.name]}")
-            continue
-        try:
-            result = runner.run_experiment(e.experiment, stages, force, out, notebooks_dir, log,
-                                           study.salts[e.name], f"Experiment '{e.name}' of study '{study.name}'",
-                                           progress, lock)
-        except LockHeld as held:
-            report.held[e.name] = str(held)
-            log(f"{e.name}: left to another run: {held}")
-            if not _trained(e, out, notebooks_dir, study.salts[e.name]):
-                without_model.add(e.name)
-            continue
-        report.experiments[e.name] = result
-        if any(r.name == "train" and r.status in ("failed", "not run") for r in result.stages):
-            without_model.add(e.name)
+    numbers = {e.name: number for number, e in enumerate(selected, 1)}
+    without_model: set[str] = set()  # experiments whose training did not finish
+    stop = threading.Event()
+
+    def run_lane(lane: Sequence[StudyExperiment]) -> None:
+        for e in lane:
+            if stop.is_set():
+                return
+            stages = _stage_filter(only, e.experiment)
+            if stages == []:
+                continue
+            log(f"[{numbers[e.name]}/{len(selected)}] experiment '{e.name}' ({e.label})")
+            _run_one(study, e, stages, force, out, notebooks_dir, log, progress, lock, report, without_model)
+
+    lanes_of = partition(selected, min(jobs, len(selected) or 1))
+    lanes = [[e for e in selected if lanes_of[e.name] == k] for k in sorted(set(lanes_of.values()))]
+    if len(lanes) <= 1:
+        run_lane(selected)
+    else:
+        with _threads_per_job(len(lanes)), ThreadPoolExecutor(len(lanes), thread_name_prefix="lane") as pool:
+            futures = [pool.submit(run_lane, lane) for lane in lanes]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                stop.set()   # no lane starts another experiment; running notebooks end with the interrupt
+                raise
     if only is not None and "plots" not in only and not set(only) & set(study.plots):
         return report
     if not study.plots:
@@ -716,6 +737,44 @@ def run_study(
         report.plots_note = f"the plots are left to another run, which is drawing them: {held.holder.describe()}"
         log(report.plots_note)
     return report
+
+
+def _run_one(study: Study, e: StudyExperiment, stages: list[str] | None, force: bool, out: Path,
+             notebooks_dir: str | os.PathLike[str] | None, log: Callable[[str], None], progress: bool,
+             lock: runner.LockPolicy, report: StudyReport, without_model: set[str]) -> None:
+    """Run one experiment's stages into ``report``, unless a dependency's training did not finish."""
+    broken = [d for d in e.depends_on if d in without_model]
+    if broken:
+        report.blocked[e.name] = f"not run: it needs the model of '{broken[0]}', whose training did not finish"
+        without_model.add(e.name)
+        log(f"{e.name}: {report.blocked[e.name]}")
+        return
+    try:
+        result = runner.run_experiment(e.experiment, stages, force, out, notebooks_dir, log,
+                                       study.salts[e.name], f"Experiment '{e.name}' of study '{study.name}'",
+                                       progress, lock)
+    except LockHeld as held:
+        report.held[e.name] = str(held)
+        log(f"{e.name}: left to another run: {held}")
+        if not _trained(e, out, notebooks_dir, study.salts[e.name]):
+            without_model.add(e.name)
+        return
+    report.experiments[e.name] = result
+    if any(r.name == "train" and r.status in ("failed", "not run") for r in result.stages):
+        without_model.add(e.name)
+
+
+@contextmanager
+def _threads_per_job(jobs: int) -> Iterator[None]:
+    """``OMP_NUM_THREADS = cpu_count // jobs`` for the kernels started inside (unless already set)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    try:
+        yield
+    finally:
+        os.environ.pop("OMP_NUM_THREADS", None)
 
 
 def _trained(e: StudyExperiment, out: Path, notebooks_dir: str | os.PathLike[str] | None, salt: str) -> bool:

@@ -8,6 +8,7 @@ the orchestration (order, failures, resume, shards, plots) in seconds; the real 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,12 @@ from rslib.params import ParamsError
 
 #: A stage notebook that fails when the experiment's train.epochs is 13, else records that it ran.
 TOY = """\
-import json, pathlib, yaml
+import json, os, pathlib, yaml
 p = yaml.safe_load(pathlib.Path(params_file).read_text())
 if p.get("train", {}).get("epochs") == 13 or (NAME == "attack" and p.get("attack", {}).get("skip") == 13):
     raise RuntimeError("planned failure")
 out = pathlib.Path(output_dir) / "results" / f"{NAME}.json"
-out.write_text(json.dumps({"stage": NAME, "seed": p.get("seed")}))
+out.write_text(json.dumps({"stage": NAME, "seed": p.get("seed"), "threads": os.environ.get("OMP_NUM_THREADS")}))
 """
 
 
@@ -219,6 +220,27 @@ def test_shards_run_their_part_and_the_last_one_draws(tmp_path: Path, capsys) ->
     assert _cli("run", str(path), "--shard", "2/2", root=root, notebooks=notebooks) == 0
     assert "cert_plots: done" in capsys.readouterr().out
     assert all(_ran(out, n) for n in shard)
+
+
+def test_jobs_run_lanes_at_once_with_a_share_of_the_threads(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    notebooks = _notebooks(tmp_path / "nb")
+    root = tmp_path / "outputs"
+    raw = _study()
+    raw["experiments"][0]["train"]["epochs"] = 13  # base fails: its dependent in the same lane is blocked
+    path = _write(tmp_path, raw)
+    assert _cli("run", str(path), "--jobs", "2", root=root, notebooks=notebooks) == 1
+    text = capsys.readouterr().out
+    out = root / "toy"
+    assert "avg: not run: it needs the model of 'base', whose training did not finish" in text
+    sweep = [n for n in study.shard_of(study.load(path), 1) if n.startswith("n_")]
+    assert all(_ran(out, n) == ["certify", "train"] for n in sweep)   # the other lane went on
+    threads = {json.loads((out / n / "results" / "train.json").read_text())["threads"] for n in sweep}
+    assert threads == {str(max(1, (os.cpu_count() or 1) // 2))} and "OMP_NUM_THREADS" not in os.environ
+    assert sorted(p.stem for p in (out / "results").glob("*.json")) == ["adv_plots", "cert_plots"]
+    single = _write(tmp_path, {"experiment": "one", "stages": ["train"]}, "one.yaml")
+    assert _cli("run", str(single), "--jobs", "2", root=root, notebooks=notebooks) == 2
+    assert "--jobs runs experiments of a study at once" in capsys.readouterr().err
 
 
 def test_only_selects_stages_and_plots(tmp_path: Path, capsys) -> None:
