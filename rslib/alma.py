@@ -37,14 +37,14 @@ from rslib.attacks import (
     DEFAULT_RESCUE_SCALES,
     AttackResult,
     Judge,
-    _check_inputs,
-    _check_topk,
-    _clamp,
-    _default_judge,
-    _finalize,
-    _success,
-    _topk_labels,
-    _view,
+    check_inputs,
+    check_topk,
+    clamp_to_box,
+    default_judge,
+    finalize,
+    is_success,
+    per_input_view,
+    topk_labels,
 )
 from rslib.models import eval_mode
 
@@ -150,7 +150,7 @@ def _alma_starts(x: Tensor, restarts: int, radius: float, clip: tuple[float, flo
     random = direction * radius * torch.rand(rows, 1, **kw) ** (1.0 / dim)
     flat = torch.cat([random.new_zeros(batch, dim), random]).to(x.dtype)
     xr = x.repeat(restarts, *([1] * (x.dim() - 1)))
-    return _clamp(xr + flat.view_as(xr), clip)
+    return clamp_to_box(xr + flat.view_as(xr), clip)
 
 
 def _alma_constraint(logits: Tensor, y: Tensor, state: _AlmaState, cfg: _AlmaSettings) -> Tensor:
@@ -196,13 +196,13 @@ def _alma_descend(state: _AlmaState, x: Tensor, grad: Tensor, t: int, cfg: _Alma
     exponentially from the row's first success to the last step."""
     delta = state.x_adv - x
     size = delta.reshape(x.shape[0], -1).norm(dim=1)
-    grad = grad + delta / _view(size.clamp_min(1e-12), grad)  # zero delta: no distance gradient
+    grad = grad + delta / per_input_view(size.clamp_min(1e-12), grad)  # zero delta: no distance gradient
     since = (t - state.first_success).clamp_min(0).to(grad.dtype)
     span = (cfg.steps - state.first_success).clamp_min(1).to(grad.dtype)
     rate = cfg.lr * cfg.lr_decay ** (since / span)
     state.square_avg = cfg.ema * state.square_avg + (1 - cfg.ema) * grad**2
     state.momentum = cfg.ema * state.momentum + grad / (state.square_avg.sqrt() + 1e-8)
-    state.x_adv = _clamp(state.x_adv - _view(rate, grad) * state.momentum, clip)
+    state.x_adv = clamp_to_box(state.x_adv - per_input_view(rate, grad) * state.momentum, clip)
 
 
 def _alma_record(state: _AlmaState, x: Tensor, adv: Tensor, t: int) -> None:
@@ -259,13 +259,13 @@ def alma(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 500, restarts: 
     Returns:
         :class:`~rslib.attacks.AttackResult`; every success re-checked by ``judge``.
     """
-    y = _check_inputs(x, y, clip)
-    _check_topk(topk)
+    y = check_inputs(x, y, clip)
+    check_topk(topk)
     _check_alma_settings(steps, restarts, check_every, lr, lr_decay, ema, mu_init, rho_init, rho_growth,
                          improvement, init_radius)
     cfg = _AlmaSettings(steps, lr, lr_decay, ema, check_every, improvement, rho_growth, topk, targeted)
     x = x.detach()
-    final_judge = judge if judge is not None else _default_judge(model, topk)
+    final_judge = judge if judge is not None else default_judge(model, topk)
     xr = x.repeat(restarts, *([1] * (x.dim() - 1)))
     yr = y.repeat(restarts)
     state = _alma_init(xr, _alma_starts(x, restarts, init_radius, clip, generator), steps, mu_init, rho_init)
@@ -277,16 +277,16 @@ def alma(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 500, restarts: 
             else:
                 logits, grad = _alma_gradient(model, yr, state, t, cfg)
             if judge_every_step and judge is not None:
-                adv = _success(judge(state.x_adv), yr, targeted, abstain_is_success)
+                adv = is_success(judge(state.x_adv), yr, targeted, abstain_is_success)
             else:
-                adv = _success(_topk_labels(logits, topk), yr, targeted, abstain_is_success)
+                adv = is_success(topk_labels(logits, topk), yr, targeted, abstain_is_success)
             _alma_record(state, xr, adv, t)
             if t < steps:
                 _alma_descend(state, xr, grad, t, cfg, clip)
     x_out, best_norm = _alma_best(state, x)
     eps = None if max_norm is None else torch.full_like(best_norm, float(max_norm))
     found = torch.isfinite(best_norm) if eps is None else best_norm <= eps
-    return _finalize(x, y, x_out, found, judge=final_judge, targeted=targeted,
+    return finalize(x, y, x_out, found, judge=final_judge, targeted=targeted,
                      abstain_is_success=abstain_is_success, rescue_scales=rescue_scales, clip=clip,
                      norm=None if eps is None else 2.0, eps=eps)
 

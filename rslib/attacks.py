@@ -178,7 +178,7 @@ def _per_input(value: float | Tensor, batch: int, like: Tensor) -> Tensor:
     return out
 
 
-def _view(values: Tensor, like: Tensor) -> Tensor:
+def per_input_view(values: Tensor, like: Tensor) -> Tensor:
     """(B,) -> (B, 1, ..., 1) in ``like``'s dtype, for broadcasting against ``like``."""
     return values.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
@@ -218,8 +218,8 @@ def project_lp_ball(delta: Tensor, norm: float, radius: float | Tensor) -> Tenso
     if norm == 2:
         size = delta.reshape(delta.shape[0], -1).double().norm(dim=1)
         factor = torch.where(size > r, r / size.clamp_min(1e-300), torch.ones_like(size))
-        return delta * _view(factor, delta)
-    bound = _view(r, delta)
+        return delta * per_input_view(factor, delta)
+    bound = per_input_view(r, delta)
     return torch.maximum(torch.minimum(delta, bound), -bound)
 
 
@@ -248,7 +248,7 @@ def _uniform_ball(shape: torch.Size, norm: float, radius: Tensor, *, device, dty
 # ----------------------------------------------------------------------------------------------
 
 
-def _success(predicted: Tensor, y: Tensor, targeted: bool, abstain_is_success: bool) -> Tensor:
+def is_success(predicted: Tensor, y: Tensor, targeted: bool, abstain_is_success: bool) -> Tensor:
     """Success per input from predicted labels (B,) or top-k sets (B, k)."""
     predicted = torch.as_tensor(predicted).to(y.device)
     if predicted.dim() == 1:
@@ -260,14 +260,16 @@ def _success(predicted: Tensor, y: Tensor, targeted: bool, abstain_is_success: b
     return ~hit & (~abstain | abstain_is_success)
 
 
-def _topk_labels(logits: Tensor, topk: int) -> Tensor:
+def topk_labels(logits: Tensor, topk: int) -> Tensor:
+    """Top-1 labels ``(B,)`` or top-k sets ``(B, k)`` of scores ``(B, K)``."""
     return logits.argmax(1) if topk == 1 else logits.topk(topk, dim=1).indices
 
 
-def _default_judge(model: nn.Module, topk: int) -> Judge:
+def default_judge(model: nn.Module, topk: int) -> Judge:
+    """The model's own top-1 label (or top-k set), in eval mode without gradients."""
     def judge(x: Tensor) -> Tensor:
         with torch.no_grad(), eval_mode(model):
-            return _topk_labels(model(x), topk)
+            return topk_labels(model(x), topk)
     return judge
 
 
@@ -289,7 +291,7 @@ def majority_vote_judge(model: nn.Module, noise: Noise, n: int, generator: torch
             def logits_of(rows: Tensor) -> Tensor:
                 return model(autotune.in_format(rows, choice.channels_last))
             counts = vote_counts(logits_of, x, n, choice.batch_size, perturb_with(noise, [generator] * len(x)))
-        return _topk_labels(counts, topk)
+        return topk_labels(counts, topk)
 
     return judge
 
@@ -311,7 +313,8 @@ def smooth_predict_judge(smooth: Smooth, n: int, alpha: float, batch_size: int |
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_inputs(x: Tensor, y: Tensor, clip: tuple[float, float] | None) -> Tensor:
+def check_inputs(x: Tensor, y: Tensor, clip: tuple[float, float] | None) -> Tensor:
+    """Validate a batch, its labels and the box; returns ``y`` on ``x``'s device (shared by every attack)."""
     if x.dim() < 2:
         raise ValueError(f"x must be a batch (B, ...); got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -329,11 +332,13 @@ def _check_inputs(x: Tensor, y: Tensor, clip: tuple[float, float] | None) -> Ten
     return y
 
 
-def _clamp(x_adv: Tensor, clip: tuple[float, float] | None) -> Tensor:
+def clamp_to_box(x_adv: Tensor, clip: tuple[float, float] | None) -> Tensor:
+    """``x_adv`` clamped to the input box ``clip`` (unchanged when ``None``)."""
     return x_adv if clip is None else x_adv.clamp(clip[0], clip[1])
 
 
-def _check_topk(topk: int) -> None:
+def check_topk(topk: int) -> None:
+    """ValueError unless ``topk`` is an integer >= 1."""
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk must be an integer >= 1; got {topk!r}")
 
@@ -356,11 +361,11 @@ def _enforce_budget(x: Tensor, x_adv: Tensor, norm: float, eps: Tensor,
         target = eps[over] * (1 - min(tiny * 4**attempt, 0.5))
         shrunk = project_lp_ball(delta[over], norm, target)
         x_adv = x_adv.clone()
-        x_adv[over] = _clamp((x[over].double() + shrunk).to(x.dtype), clip)
+        x_adv[over] = clamp_to_box((x[over].double() + shrunk).to(x.dtype), clip)
     raise RuntimeError("could not bring the perturbation inside the budget (numerical trouble)")
 
 
-def _finalize(x: Tensor, y: Tensor, x_adv: Tensor, candidate: Tensor, *, judge: Judge, targeted: bool,
+def finalize(x: Tensor, y: Tensor, x_adv: Tensor, candidate: Tensor, *, judge: Judge, targeted: bool,
               abstain_is_success: bool, rescue_scales: Sequence[float], clip: tuple[float, float] | None,
               norm: float | None = None, eps: Tensor | None = None) -> AttackResult:
     """Enforce the budget, re-check every candidate success with ``judge``, rescue or fail the rest."""
@@ -377,10 +382,10 @@ def _finalize(x: Tensor, y: Tensor, x_adv: Tensor, candidate: Tensor, *, judge: 
             trial = x_adv[pending]
             if scale != 1.0:
                 base = x[pending]
-                trial = _clamp(base + scale * (trial - base), clip)
+                trial = clamp_to_box(base + scale * (trial - base), clip)
                 if eps is not None:
                     trial = _enforce_budget(base, trial, norm, eps[pending], clip)
-            ok = _success(judge(trial), y[pending], targeted, abstain_is_success)
+            ok = is_success(judge(trial), y[pending], targeted, abstain_is_success)
             x_adv[pending[ok]] = trial[ok]
             success[pending[ok]] = True
             pending = pending[~ok]
@@ -437,8 +442,8 @@ def _pgd_step(x: Tensor, x_adv: Tensor, grad: Tensor, norm: float, eps: Tensor, 
         chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True) & (magnitude > 0)
         count = chosen.sum(1, keepdim=True).clamp_min(1)
         direction = (flat.sign() * chosen / count).view_as(grad)
-    delta = project_lp_ball(delta + _view(step, delta) * direction, norm, eps)
-    return _clamp(x + delta, clip)
+    delta = project_lp_ball(delta + per_input_view(step, delta) * direction, norm, eps)
+    return clamp_to_box(x + delta, clip)
 
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, norm: float | str = 2, eps: float | Tensor = 0.5, *,
@@ -467,8 +472,8 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, norm: float | str = 2, eps: floa
         :class:`AttackResult`; successes are re-checked with ``judge`` and inside the budget.
     """
     norm = parse_norm(norm)
-    y = _check_inputs(x, y, clip)
-    _check_topk(topk)
+    y = check_inputs(x, y, clip)
+    check_topk(topk)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0; got {steps!r}")
     if not 0 < l1_sparsity <= 1:
@@ -478,14 +483,14 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, norm: float | str = 2, eps: floa
     if bool((eps_t < 0).any()) or not bool(torch.isfinite(eps_t).all()):
         raise ValueError("eps must be finite and >= 0")
     step_t = 2.5 * eps_t / max(steps, 1) if step_size is None else _per_input(step_size, batch, x)
-    final_judge = judge if judge is not None else _default_judge(model, topk)
+    final_judge = judge if judge is not None else default_judge(model, topk)
     x = x.detach()
 
     with eval_mode(model):
         x_adv = x.clone()
         if random_start:
             start = _uniform_ball(x.shape, norm, eps_t, device=x.device, dtype=x.dtype, generator=generator)
-            x_adv = _clamp(x + start, clip)
+            x_adv = clamp_to_box(x + start, clip)
         found = torch.zeros(batch, dtype=torch.bool, device=x.device)
         active = torch.ones(batch, dtype=torch.bool, device=x.device)
         for t in range(steps + 1):
@@ -502,9 +507,9 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, norm: float | str = 2, eps: floa
             keep = torch.ones(idx.numel(), dtype=torch.bool, device=x.device)
             if early_stop or last:
                 if judge_every_step and judge is not None:
-                    adv = _success(judge(xa), ya, targeted, abstain_is_success)
+                    adv = is_success(judge(xa), ya, targeted, abstain_is_success)
                 else:
-                    adv = _success(_topk_labels(logits, topk), ya, targeted, abstain_is_success)
+                    adv = is_success(topk_labels(logits, topk), ya, targeted, abstain_is_success)
                 if early_stop:
                     found[idx[adv]] = True
                     active[idx[adv]] = False
@@ -518,7 +523,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, norm: float | str = 2, eps: floa
                 continue
             x_adv[moving] = _pgd_step(x[moving], xa[keep], grad[keep], norm, eps_t[moving], step_t[moving],
                                       clip, l1_sparsity)
-        return _finalize(x, y, x_adv, found, judge=final_judge, targeted=targeted,
+        return finalize(x, y, x_adv, found, judge=final_judge, targeted=targeted,
                          abstain_is_success=abstain_is_success, rescue_scales=rescue_scales, clip=clip,
                          norm=norm, eps=eps_t)
 
@@ -593,8 +598,8 @@ def ddn(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 100, gamma: floa
     smallest candidate often sits where the smoothed prediction abstains, and ``rescue_scales``
     then finds the nearest verified point along the same direction.
     """
-    y = _check_inputs(x, y, clip)
-    _check_topk(topk)
+    y = check_inputs(x, y, clip)
+    check_topk(topk)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
     if not 0 < gamma < 1:
@@ -605,7 +610,7 @@ def ddn(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 100, gamma: floa
         raise ValueError("quantize needs a clip box (the levels span clip)")
     batch = x.shape[0]
     x = x.detach()
-    final_judge = judge if judge is not None else _default_judge(model, topk)
+    final_judge = judge if judge is not None else default_judge(model, topk)
     flat_x = x.reshape(batch, -1).double()
     worst = torch.full((batch,), math.inf, dtype=torch.float64, device=x.device)
     if clip is not None:
@@ -619,7 +624,7 @@ def ddn(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 100, gamma: floa
 
     with eval_mode(model):
         for t in range(steps + 1):
-            x_adv = _clamp(x + delta, clip)
+            x_adv = clamp_to_box(x + delta, clip)
             last = t == steps
             if last:
                 with torch.no_grad():
@@ -627,9 +632,9 @@ def ddn(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 100, gamma: floa
             else:
                 logits, grad = _input_gradient(model, x_adv, y, targeted)
             if judge_every_step and judge is not None:
-                adv = _success(judge(x_adv), y, targeted, abstain_is_success)
+                adv = is_success(judge(x_adv), y, targeted, abstain_is_success)
             else:
-                adv = _success(_topk_labels(logits, topk), y, targeted, abstain_is_success)
+                adv = is_success(topk_labels(logits, topk), y, targeted, abstain_is_success)
             size = delta.reshape(batch, -1).double().norm(dim=1)
             improved = adv & (size < best_norm)
             best_norm = torch.where(improved, size, best_norm)
@@ -649,18 +654,18 @@ def ddn(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 100, gamma: floa
             epsilon = torch.where(adv, epsilon * (1 - gamma), epsilon * (1 + gamma))
             epsilon = torch.minimum(epsilon, worst)
             dnorm = delta.reshape(batch, -1).double().norm(dim=1).clamp_min(1e-30)
-            delta = delta * _view(epsilon / dnorm, delta)
+            delta = delta * per_input_view(epsilon / dnorm, delta)
             x_new = x + delta
             if quantize:
                 lo, hi = clip
                 x_new = torch.round((x_new - lo) / (hi - lo) * (levels - 1)) / (levels - 1) * (hi - lo) + lo
-            delta = _clamp(x_new, clip) - x
+            delta = clamp_to_box(x_new, clip) - x
 
     found = torch.isfinite(best_norm)
-    x_out = torch.where(found.view(-1, *([1] * (x.dim() - 1))), best, _clamp(x + delta, clip))
+    x_out = torch.where(found.view(-1, *([1] * (x.dim() - 1))), best, clamp_to_box(x + delta, clip))
     eps = None
     if max_norm is not None:
         eps = torch.full((batch,), float(max_norm), dtype=torch.float64, device=x.device)
-    return _finalize(x, y, x_out, found, judge=final_judge, targeted=targeted,
+    return finalize(x, y, x_out, found, judge=final_judge, targeted=targeted,
                      abstain_is_success=abstain_is_success, rescue_scales=rescue_scales, clip=clip,
                      norm=2.0 if eps is not None else None, eps=eps)
