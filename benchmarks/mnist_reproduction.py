@@ -107,7 +107,7 @@ def main() -> None:
     for entry in study["experiments"]:
         name = entry["name"]
         exp_dir = args.study / name
-        path = layout.results_dir(exp_dir) / "certify.csv"
+        path, _ = layout.table_paths(layout.results_dir(exp_dir), layout.CERTIFY_TABLE)
         if not path.exists():
             print(f"\n{name}: not certified yet ({path} missing)")
             continue

@@ -140,7 +140,7 @@ def experiment_drift(exp_dir: str | Path, *, images: int = 1000, skip: int = 10,
     """The drift table of the finished heat experiment in ``exp_dir`` on every ``skip``-th test image (at
     most ``images``), written to its ``results/heat_drift.csv`` with ``heat_drift.json`` (settings, verdict)."""
     exp_dir = Path(exp_dir)
-    source = exp_dir / "params.yaml"
+    source = exp_dir / layout.PARAMS_FILE
     if not source.is_file():
         raise FileNotFoundError(f"no {source}: give the folder of a heat experiment run by rslib")
     experiment = params.load(source)
