@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from rslib import distributed, heat, layout, models
-from rslib.data import load_dataset, make_loader
+from rslib.data import dataset_info, load_dataset, make_loader
 from rslib.io import atomic_write_text, file_sha256, provenance
 from rslib.noises import Noise
 from rslib.params import Experiment
@@ -101,6 +102,26 @@ def heat_config(experiment: Experiment) -> heat.HeatConfig:
     return heat.HeatConfig(steps=train.heat_steps, gamma=train.heat_gamma, sigma=experiment.noise.sigma,
                            draws=train.heat_draws, eps=train.heat_eps, fidelity=train.heat_fidelity,
                            reinit=train.heat_reinit, student_noise=train.heat_student_noise)
+
+
+def student_fit_warning(step: int, student_acc: float, teacher_acc: float, num_classes: int,
+                        fidelity: str) -> str | None:
+    """A message when a heat student ends its step closer to chance than to its teacher's test accuracy.
+
+    Such a student did not learn its teacher (typically every ReLU died, or it barely moved), and the
+    later steps would average a broken model. ``None`` when the student is within half the teacher's
+    margin over chance.
+    """
+    chance = 1.0 / num_classes
+    if student_acc >= teacher_acc - 0.5 * (teacher_acc - chance):
+        return None
+    if fidelity == "logits":
+        hint = ("lower train.lr: the logits objective starts near half the summed variance of the teacher's "
+                "logits, and large steps kill the student's ReLUs")
+    else:
+        hint = "raise train.lr or train.epochs: the softmax objective and its gradients are small"
+    return (f"heat step {step}: the student reaches {student_acc:.3f} test accuracy, its teacher {teacher_acc:.3f} "
+            f"(chance {chance:.3f}); it did not learn its teacher. {hint}.")
 
 
 def _optimizer(run: TrainingRun, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
@@ -291,6 +312,13 @@ def fit(experiment: Experiment, output_dir: str | Path | None = None, *, progres
             ctx.barrier()
         if teacher is not None:
             _save(run, layout.heat_step_checkpoint(run.output_dir, phase + 1), model, phase=phase)
+            if ctx.is_main and "test_acc" in rows[-1]:
+                message = student_fit_warning(phase + 1, rows[-1]["test_acc"],
+                                              evaluate(teacher, test_loader, ctx.device),
+                                              dataset_info(experiment.data.dataset)[1], experiment.train.heat_fidelity)
+                if message:
+                    log(f"WARNING: {message}")
+                    warnings.warn(message, RuntimeWarning, stacklevel=2)
         ctx.barrier()
         state = None
     if model is None:

@@ -202,3 +202,27 @@ def test_heat_smoothing_moves_towards_the_gaussian_average(tmp_path):
           f"input-gradient norm {grad_before:.3f} -> {grad_after:.3f}")
     assert after < 0.8 * before, (before, after)
     assert grad_after < 0.6 * grad_before, (grad_before, grad_after)
+
+
+def test_student_fit_warning_names_the_fix_for_each_fidelity():
+    assert train.student_fit_warning(1, 0.98, 0.99, 10, "logits") is None
+    assert train.student_fit_warning(1, 0.56, 0.99, 10, "softmax") is None  # just above halfway to chance
+    dead = train.student_fit_warning(1, 0.097, 0.99, 10, "logits")
+    assert "heat step 1" in dead and "0.097" in dead and "lower train.lr" in dead
+    still = train.student_fit_warning(3, 0.30, 0.99, 10, "softmax")
+    assert "heat step 3" in still and "raise train.lr" in still
+
+
+def test_a_heat_student_that_does_not_learn_its_teacher_is_reported(tmp_path):
+    """A student trained at a learning rate far too small for the softmax objective stays near chance;
+    training finishes (its checkpoints are kept) but warns, naming the step and the fix."""
+    train.fit(experiment(experiment="base", train={"epochs": 8, "lr": 0.1}), tmp_path / "base",
+              progress=False, log=quiet)
+    heat_exp = experiment(experiment="heat", train={"mode": "heat", "epochs": 1, "lr": 1e-7, "heat_base": "base",
+                                                    "heat_steps": 1, "heat_draws": 1, "heat_fidelity": "softmax",
+                                                    "max_batches": 2})
+    logged = []
+    with pytest.warns(RuntimeWarning, match="heat step 1: .* did not learn its teacher. raise train.lr"):
+        train.fit(heat_exp, tmp_path / "heat", progress=False, log=logged.append)
+    assert any(line.startswith("WARNING: heat step 1") for line in logged)
+    assert (tmp_path / "heat" / "checkpoints" / "heat_step_1.pt").exists()
