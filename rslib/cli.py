@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     run = add("run", "execute the stage notebooks of an experiment or a study with papermill")
     run.add_argument("--force", action="store_true", help="re-run stages even if they finished")
     run.add_argument("--jobs", type=int, default=1, metavar="N",
-                     help="studies: run N lanes of experiments at once (dependency chains stay in one lane), "
+                     help="studies: run N experiments at once, each once its dependencies have run, "
                           "torch limited to cpu_count/N threads each (default 1)")
     run.add_argument("--wait", action="store_true",
                      help="when another run holds an experiment (or the study's plots), wait for it, then skip "

@@ -22,7 +22,7 @@ experiment is reported, its dependents are not run, the rest of the study contin
 notebooks (``cert_plots``, ``adv_plots``) then run over the whole study into ``outputs/<study>/``.
 ``--shard i/n`` splits the experiments into n parts along dependency chains (a chain never spans
 two shards); the plots run once every experiment of the study has finished. ``--jobs N`` runs N
-such parts at once in one process (see :func:`run_study`). The run writes the
+experiments at once in one process, each once its dependencies have run (see :func:`run_study`). The run writes the
 resolved study as ``outputs/<study>/study.json``; ``load_written`` reads it back (the plot notebooks,
 through ``rslib.results``) with the same validation as the study file.
 """
@@ -686,9 +686,9 @@ def run_study(
     whole study (no shard) or when every experiment of the study has finished (the last shard to
     finish draws them; a shard that finds another one drawing them leaves it to that one).
 
-    ``jobs > 1`` runs that many lanes of experiments at once (dependency chains stay in one lane, see
-    :func:`partition`), each stage notebook with ``torch`` limited to ``cpu_count // jobs`` threads
-    (``OMP_NUM_THREADS``, unless set): on a CPU, kernel start-up and imports of one lane overlap the
+    ``jobs > 1`` runs that many experiments at once, each as soon as its dependencies have run (see
+    :func:`run_when_ready`), each stage notebook with ``torch`` limited to ``cpu_count // jobs`` threads
+    (``OMP_NUM_THREADS``, unless set): on a CPU, kernel start-up and imports of one experiment overlap the
     computation of the other without the two oversubscribing the cores.
     """
     check_only(study, only)
@@ -701,31 +701,21 @@ def run_study(
     selected = [e for e in study.experiments if mine[e.name] == shard[0]]
     numbers = {e.name: number for number, e in enumerate(selected, 1)}
     without_model: set[str] = set()  # experiments whose training did not finish
-    stop = threading.Event()
 
-    def run_lane(lane: Sequence[StudyExperiment]) -> None:
-        for e in lane:
-            if stop.is_set():
-                return
-            stages = _stage_filter(only, e.experiment)
-            if stages == []:
-                continue
-            log(f"[{numbers[e.name]}/{len(selected)}] experiment '{e.name}' ({e.label})")
-            _run_one(study, e, stages, force, out, notebooks_dir, log, progress, lock, report, without_model)
+    def run(e: StudyExperiment) -> None:
+        stages = _stage_filter(only, e.experiment)
+        if stages == []:
+            return
+        log(f"[{numbers[e.name]}/{len(selected)}] experiment '{e.name}' ({e.label})")
+        _run_one(study, e, stages, force, out, notebooks_dir, log, progress, lock, report, without_model)
 
-    lanes_of = partition(selected, min(jobs, len(selected) or 1))
-    lanes = [[e for e in selected if lanes_of[e.name] == k] for k in sorted(set(lanes_of.values()))]
-    if len(lanes) <= 1:
-        run_lane(selected)
+    workers = min(jobs, len(selected) or 1)
+    if workers <= 1:
+        for e in selected:
+            run(e)
     else:
-        with _threads_per_job(len(lanes)), ThreadPoolExecutor(len(lanes), thread_name_prefix="lane") as pool:
-            futures = [pool.submit(run_lane, lane) for lane in lanes]
-            try:
-                for future in futures:
-                    future.result()
-            except BaseException:
-                stop.set()   # no lane starts another experiment; running notebooks end with the interrupt
-                raise
+        with _threads_per_job(workers):
+            run_when_ready(selected, workers, run)
     if only is not None and "plots" not in only and not set(only) & set(study.plots):
         return report
     if not study.plots:
@@ -737,6 +727,51 @@ def run_study(
         report.plots_note = f"the plots are left to another run, which is drawing them: {held.holder.describe()}"
         log(report.plots_note)
     return report
+
+
+def run_when_ready(experiments: Sequence[StudyExperiment], workers: int,
+                   run: Callable[[StudyExperiment], None]) -> None:
+    """Call ``run`` on every experiment from ``workers`` threads at once, each taking the first one (in
+    study order) whose dependencies among ``experiments`` have been handled, so experiments that share a
+    finished dependency run side by side. An exception in one stops the others from starting new ones
+    and is raised once the running ones end."""
+    names = {e.name for e in experiments}
+    pending, handled = list(experiments), set()
+    state = threading.Condition()
+    stop = threading.Event()
+
+    def next_ready() -> StudyExperiment | None:
+        with state:
+            while pending and not stop.is_set():
+                ready = next((e for e in pending if all(d in handled or d not in names for d in e.depends_on)), None)
+                if ready is not None:
+                    pending.remove(ready)
+                    return ready
+                state.wait()
+            return None
+
+    def worker() -> None:
+        while (e := next_ready()) is not None:
+            try:
+                run(e)
+            except BaseException:
+                stop.set()
+                raise
+            finally:
+                with state:
+                    handled.add(e.name)
+                    state.notify_all()
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="lane") as pool:
+        futures = [pool.submit(worker) for _ in range(workers)]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            stop.set()   # no worker starts another experiment; running notebooks end with the interrupt
+            with state:
+                state.notify_all()
+            raise
 
 
 def _run_one(study: Study, e: StudyExperiment, stages: list[str] | None, force: bool, out: Path,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +242,47 @@ def test_jobs_run_lanes_at_once_with_a_share_of_the_threads(tmp_path: Path, caps
     single = _write(tmp_path, {"experiment": "one", "stages": ["train"]}, "one.yaml")
     assert _cli("run", str(single), "--jobs", "2", root=root, notebooks=notebooks) == 2
     assert "--jobs runs experiments of a study at once" in capsys.readouterr().err
+
+
+def test_jobs_run_siblings_of_a_finished_dependency_side_by_side(tmp_path: Path) -> None:
+    """Experiments that share a dependency start together once it has run, never before it: the two
+    heat settings below each wait for the other to start (they would time out if run one after the
+    other), and each sees the base finished."""
+    raw = {"study": "siblings", "defaults": {"stages": ["train"]},
+           "experiments": [{"name": "base"},
+                           {"name": "heat_a", "train": {"mode": "heat", "heat_base": "base"}},
+                           {"name": "heat_b", "train": {"mode": "heat", "heat_base": "base"}}]}
+    s = study.load(_write(tmp_path, raw))
+    started = {name: threading.Event() for name in ("base", "heat_a", "heat_b")}
+    finished: list[str] = []
+    saw_base_finished: dict[str, bool] = {}
+
+    def run(e) -> None:
+        started[e.name].set()
+        if e.name != "base":
+            saw_base_finished[e.name] = "base" in finished
+            other = "heat_b" if e.name == "heat_a" else "heat_a"
+            assert started[other].wait(timeout=30), f"{e.name} ran alone: {other} never started beside it"
+        finished.append(e.name)
+
+    study.run_when_ready(s.experiments, 2, run)
+    assert finished[0] == "base" and sorted(finished[1:]) == ["heat_a", "heat_b"]
+    assert saw_base_finished == {"heat_a": True, "heat_b": True}
+
+
+def test_run_when_ready_raises_a_failure_and_starts_nothing_after_it(tmp_path: Path) -> None:
+    s = study.load(_write(tmp_path, {"study": "chain", "defaults": {"stages": ["train"]},
+                              "experiments": [{"name": "base"},
+                                              {"name": "heat", "train": {"mode": "heat", "heat_base": "base"}}]}))
+    ran: list[str] = []
+
+    def run(e) -> None:
+        ran.append(e.name)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        study.run_when_ready(s.experiments, 2, run)
+    assert ran == ["base"]
 
 
 def test_only_selects_stages_and_plots(tmp_path: Path, capsys) -> None:
