@@ -137,7 +137,8 @@ def _heat_drift(args: argparse.Namespace) -> int:
         print(f"rslib: error: {err}", file=sys.stderr)
         return EXIT_INVALID
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print({k: summary[k] for k in ("sigma", "tracks_sigma", "final_ratio_to_base", "meets_target")})
+    print({k: summary[k] for k in ("sigma", "tracks_sigma", "final_ratio_to_base", "meets_target",
+                                   "monte_carlo_floor", "floor_ratio_to_base")})
     return EXIT_OK
 
 

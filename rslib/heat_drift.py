@@ -11,7 +11,9 @@ error is about ``sqrt(tr Cov / draws)``, below 0.02 per image for 512 draws), fo
 after every step. The width with the smallest distance is the Gaussian the model is closest to; a
 setting *tracks* ``sigma`` when the distance at ``sigma`` falls at every step, and meets rslib's target
 when it ends at most half the base's (:func:`verdict`). Each row also holds the clean accuracy and
-the mean estimate of ``||J||_F^2`` of the softmax output (``heat.jacobian_penalty``).
+the mean estimate of ``||J||_F^2`` of the softmax output (``heat.jacobian_penalty``). The summary also
+gives the Monte-Carlo floor at ``sigma`` (:func:`monte_carlo_floor`): the distance the exact Gaussian
+average itself would score, below which no setting can be measured.
 
 The base's averages cost ``len(widths) * draws`` forwards per image; they are computed once per base
 checkpoint, image selection, draw count, widths and seed and cached beside the base
@@ -86,6 +88,17 @@ def step_row(step: int, model: nn.Module, x: torch.Tensor, y: torch.Tensor, aver
     best = int(distances.argmin())
     return {"step": step, **{distance_column(w): float(d) for w, d in zip(widths, distances, strict=True)},
             "closest_width": float(widths[best]), "accuracy": accuracy, "jacobian_penalty": sum(penalties) / len(x)}
+
+
+def monte_carlo_floor(first: torch.Tensor, second: torch.Tensor) -> float:
+    """The mean distance of one Monte-Carlo average from the exact one, from two independent estimates.
+
+    ``first`` and ``second`` (``(B, K)``) estimate the same averages with independent draws, so
+    ``E||first - second||^2 = 2 E||first - A||^2``; ``mean_i ||first_i - second_i|| / sqrt(2)`` is the
+    distance a model equal to the exact average ``A`` would score in the table: no setting can be
+    measured below it.
+    """
+    return float((first - second).norm(dim=-1).mean()) / math.sqrt(2.0)
 
 
 def drift_table(base: nn.Module, steps: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor,
@@ -165,12 +178,17 @@ def experiment_drift(exp_dir: str | Path, *, images: int = 1000, skip: int = 10,
     home = base_path.parent.parent if base_path.parent.name == layout.CHECKPOINTS else exp_dir
     averages = cached_averages(base_path, base, x, selection, widths, draws, experiment.seed,
                                layout.results_dir(home))
+    # a second, independent estimate at sigma: how far Monte-Carlo error alone puts the exact average
+    second = cached_averages(base_path, base, x, selection, [sigma], draws, experiment.seed + 1,
+                             layout.results_dir(home))
+    floor = monte_carlo_floor(averages[widths.index(sigma)], second[0])
     steps = [models.load(path, device=device) for path in step_paths]
     table = drift_table(base, steps, x, y, widths, averages, sigma, seed=experiment.seed)
     summary = {"experiment": experiment.experiment, "sigma": sigma, "widths": widths, "draws": draws,
                "images": len(selection), "skip": skip, "base": str(base_path),
                "settings": {k: getattr(train, k) for k in ("heat_steps", "heat_gamma", "heat_fidelity", "heat_reinit",
                                                           "heat_student_noise", "heat_draws", "epochs", "lr")},
+               "monte_carlo_floor": floor, "floor_ratio_to_base": floor / float(table[distance_column(sigma)].iloc[0]),
                **verdict(table, sigma)}
     results = layout.results_dir(exp_dir)
     atomic_write_text(results / f"{DRIFT_TABLE}.csv", table.to_csv(index=False))

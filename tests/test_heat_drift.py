@@ -109,6 +109,18 @@ def test_a_constant_model_is_its_own_average():
     assert torch.allclose(heat_drift.softmax_distances(model, x, averages), torch.zeros(2), atol=1e-6)
 
 
+def test_monte_carlo_floor_is_the_error_of_one_estimate():
+    """Two estimates A + e1, A + e2 with independent N(0, s^2 I_K) errors: the floor recovers the mean
+    ||e1|| (about s sqrt(K)). With K = 400 and 300 rows both sides concentrate within ~1%; 3% is allowed."""
+    generator = torch.Generator().manual_seed(0)
+    exact = torch.rand(300, 400, generator=generator)
+    first = exact + 0.01 * torch.randn(300, 400, generator=generator)
+    second = exact + 0.01 * torch.randn(300, 400, generator=generator)
+    true_error = float((first - exact).norm(dim=-1).mean())
+    assert heat_drift.monte_carlo_floor(first, second) == pytest.approx(true_error, rel=0.03)
+    assert heat_drift.monte_carlo_floor(exact, exact) == 0.0
+
+
 def _heat_folder(tmp_path, steps: int = 2):
     """A digits heat experiment folder with a base and ``steps`` step checkpoints (random weights)."""
     base_dir, exp_dir = tmp_path / "base", tmp_path / "heat"
@@ -134,7 +146,10 @@ def test_experiment_drift_writes_the_table_and_reuses_the_base_averages(tmp_path
     written = pd.read_csv(exp_dir / "results" / "heat_drift.csv")
     pd.testing.assert_frame_equal(written, table, check_dtype=False)
     assert json.loads((exp_dir / "results" / "heat_drift.json").read_text())["widths"] == [0.25, 0.5]
-    assert len(list((tmp_path / "base" / "results").glob("gaussian_averages_*.pt"))) == 1
+    # the averages at every width, and a second independent estimate at sigma (the Monte-Carlo floor)
+    assert len(list((tmp_path / "base" / "results").glob("gaussian_averages_*.pt"))) == 2
+    assert summary["monte_carlo_floor"] > 0
+    assert summary["floor_ratio_to_base"] == pytest.approx(summary["monte_carlo_floor"] / table["distance_s0.25"].iloc[0])
     calls = []
     monkeypatch.setattr(heat_drift, "gaussian_averages", lambda *a, **k: calls.append(a))
     again, _ = heat_drift.experiment_drift(exp_dir, images=20, skip=5, draws=16, widths=[0.25, 0.5],
