@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from rslib import heat, models
-from rslib.data import default_data_dir, load_dataset
+from rslib.data import load_dataset
 from rslib.io import atomic_write_json, provenance
 
 BATCH = 256
@@ -72,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
 
     teacher = models.load(args.teacher).eval().requires_grad_(False)
-    train_set = load_dataset(args.dataset, "train", data_dir=args.data_dir or default_data_dir(), download=True)
+    train_set = load_dataset(args.dataset, "train", data_dir=args.data_dir, download=True)
     loader = torch.utils.data.DataLoader(train_set, batch_size=BATCH, shuffle=True,
                                          generator=torch.Generator().manual_seed(0))
     config = heat.HeatConfig(steps=args.steps, gamma=args.gamma, sigma=args.sigma, draws=args.draws,

@@ -313,8 +313,10 @@ def fit(experiment: Experiment, output_dir: str | Path | None = None, *, progres
         if teacher is not None:
             _save(run, layout.heat_step_checkpoint(run.output_dir, phase + 1), model, phase=phase)
             if ctx.is_main and "test_acc" in rows[-1]:
-                message = student_fit_warning(phase + 1, rows[-1]["test_acc"],
-                                              evaluate(teacher, test_loader, ctx.device),
+                # the teacher of step k > 1 is step k - 1's model, whose last row already holds its accuracy
+                known = [r["test_acc"] for r in rows if r["phase"] == phase - 1 and "test_acc" in r]
+                teacher_acc = known[-1] if known else evaluate(teacher, test_loader, ctx.device)
+                message = student_fit_warning(phase + 1, rows[-1]["test_acc"], teacher_acc,
                                               dataset_info(experiment.data.dataset)[1], experiment.train.heat_fidelity)
                 if message:
                     log(f"WARNING: {message}")
