@@ -9,9 +9,11 @@ the largest certifiable radius is ``sigma * PhiInv(alpha ** (1 / n))`` (3.20 sig
 been observed over 100,000 draws (``rslib.certify.recertify`` on the rescaled counts): the difference to
 our curve is what the smaller n costs at each radius (an estimate: it takes the observed frequency for
 the true probability, optimistic for images at the cap). Stage wall times come from the study's
-markers. Writes ``benchmarks/results/mnist_reproduction.json`` and prints Markdown tables.
+markers. Writes ``benchmarks/results/mnist_reproduction.json`` (or ``--out``) and prints Markdown tables.
 
     python benchmarks/mnist_reproduction.py [--study outputs/mnist_cohen_cpu]
+    python benchmarks/mnist_reproduction.py --study outputs/mnist_stability_cpu \
+        --reference params/mnist/reference_stability.csv --out benchmarks/results/mnist_reproduction_stability.json
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", type=Path, default=Path("outputs/mnist_cohen_cpu"))
     parser.add_argument("--reference", type=Path, default=Path("params/mnist/reference_cohen.csv"))
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parent / "results" / "mnist_reproduction.json")
     args = parser.parse_args()
     reference = pd.read_csv(args.reference)
     study = json.loads((args.study / layout.STUDY_FILE).read_text())
@@ -119,9 +123,8 @@ def main() -> None:
               f"cap {result['cap_radius']:.2f} (n=100,000: {result['cap_radius_n100000']:.2f}), "
               f"accepted: {result['accepted']}, stage seconds {result['seconds']}")
         print(markdown(result))
-    out = Path(__file__).resolve().parent / "results" / "mnist_reproduction.json"
-    atomic_write_json(out, {"study": str(args.study), "results": results, "provenance": provenance()})
-    print(f"wrote {out}")
+    atomic_write_json(args.out, {"study": str(args.study), "results": results, "provenance": provenance()})
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
