@@ -376,11 +376,21 @@ def plot_study_certified_accuracy(curves: pd.DataFrame, title: str | None = None
         ax.set(xlabel=f"{tex} radius r", ylim=(0, 1.02), xlim=(0, None),
                title=f"{tex} adversary" + _converted_note(monte_carlo, norm))
     axes[0].set_ylabel("certified accuracy\n(fraction of all inputs)")
-    _finish(fig, axes, title,
-            "Certified accuracy at r: fraction of ALL evaluated inputs classified correctly with a certified "
-            "radius >= r (abstains count as failures). Solid: Monte-Carlo certificate (holds with probability "
-            ">= 1 - alpha). Dashed: HeatSmoothing's L-bound, an approximation, not a certificate.")
+    has_lbound = curves["method"].str.contains("approximate", case=False).any()
+    _finish(fig, axes, title, certified_accuracy_caption(has_lbound, reference is not None and len(reference) > 0))
     return fig
+
+
+def certified_accuracy_caption(has_lbound: bool, has_reference: bool) -> str:
+    """The caption of a certified-accuracy figure, naming only the line styles it draws."""
+    text = ("Certified accuracy at r: fraction of ALL evaluated inputs classified correctly with a certified "
+            "radius >= r (abstains count as failures). Solid: Monte-Carlo certificate (holds with probability "
+            ">= 1 - alpha).")
+    if has_lbound:
+        text += " Dashed: HeatSmoothing's L-bound, an approximation, not a certificate."
+    if has_reference:
+        text += " Dotted with markers: the published numbers (report.reference)."
+    return text
 
 
 def plot_sigma_facets(curves: pd.DataFrame, norm: str, families: Sequence[str],

@@ -465,6 +465,11 @@ def test_published_reference_rows_comparison_and_overlay(study, tmp_path):
     cert = results.load_certify_group(with_reference, _group(study, "heat_smoothing"), log=lambda _: None)
     figure = plots.plot_study_certified_accuracy(cert.curves, "t", reference=cert.reference)
     assert any(line.get_label() == "Cohen: published" for line in figure.axes[0].get_lines())
+    caption = " ".join(text.get_text() for text in figure.texts)
+    assert "Dotted with markers: the published numbers" in caption and "Dashed: HeatSmoothing" in caption
+    plain = plots.plot_study_certified_accuracy(cert.curves[~cert.curves["method"].str.contains("approximate")], "t")
+    plain_caption = " ".join(text.get_text() for text in plain.texts)
+    assert "Dashed" not in plain_caption and "Dotted" not in plain_caption  # names only what is drawn
     assert results.reference_rows(study, ["cohen"]).empty  # no report.reference: nothing
 
 
