@@ -187,7 +187,8 @@ def experiment_drift(exp_dir: str | Path, *, images: int = 1000, skip: int = 10,
     summary = {"experiment": experiment.experiment, "sigma": sigma, "widths": widths, "draws": draws,
                "images": len(selection), "skip": skip, "base": str(base_path),
                "settings": {k: getattr(train, k) for k in ("heat_steps", "heat_gamma", "heat_fidelity", "heat_reinit",
-                                                          "heat_student_noise", "heat_draws", "epochs", "lr")},
+                                                          "heat_student_noise", "heat_draws", "epochs", "lr",
+                                                          "weight_decay")},
                "monte_carlo_floor": floor, "floor_ratio_to_base": floor / float(table[distance_column(sigma)].iloc[0]),
                **verdict(table, sigma)}
     results = layout.results_dir(exp_dir)
