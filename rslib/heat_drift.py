@@ -11,7 +11,9 @@ error is about ``sqrt(tr Cov / draws)``, below 0.02 per image for 512 draws), fo
 after every step. The width with the smallest distance is the Gaussian the model is closest to; a
 setting *tracks* ``sigma`` when the distance at ``sigma`` falls at every step, and meets rslib's target
 when it ends at most half the base's (:func:`verdict`). Each row also holds the clean accuracy and
-the mean estimate of ``||J||_F^2`` of the softmax output (``heat.jacobian_penalty``). The summary also
+the mean estimate of ``||J||_F^2`` of the softmax output (``heat.jacobian_penalty``) at the images and at
+``x + sigma z`` (the points the Gaussian average at ``sigma`` sees; training penalizes only the former
+unless the student gets input noise). The summary also
 gives the Monte-Carlo floor at ``sigma`` (:func:`monte_carlo_floor`): the distance the exact Gaussian
 average itself would score, below which no setting can be measured.
 
@@ -73,21 +75,34 @@ def softmax_distances(model: nn.Module, x: torch.Tensor, averages: torch.Tensor)
     return (probs.unsqueeze(0) - averages).norm(dim=-1).mean(dim=1)
 
 
+def mean_penalty(model: nn.Module, x: torch.Tensor, *, draws: int, eps: float, chunk: int,
+                 generator: torch.Generator) -> float:
+    """Mean estimate of ``||J||_F^2`` of ``softmax(model)`` over the rows of ``x`` (in chunks)."""
+    with eval_mode(model):
+        total = sum(float(heat.jacobian_penalty(model, x[i:i + chunk], draws=draws, eps=eps, generator=generator,
+                                                output="softmax").detach()) * len(x[i:i + chunk])
+                    for i in range(0, len(x), chunk))
+    return total / len(x)
+
+
 def step_row(step: int, model: nn.Module, x: torch.Tensor, y: torch.Tensor, averages: torch.Tensor,
-             widths: Sequence[float], *, penalty_draws: int = 10, penalty_eps: float = 0.01,
+             widths: Sequence[float], sigma: float, *, penalty_draws: int = 10, penalty_eps: float = 0.01,
              chunk: int = 250, seed: int = 0) -> dict[str, Any]:
-    """One row of the drift table: distances per width, the closest width, accuracy and penalty."""
+    """One row of the drift table: distances per width, the closest width, accuracy, and the penalty at
+    the images and at ``x + sigma z`` (where the Gaussian average at ``sigma`` looks; one seeded ``z``
+    per image, the same for every step)."""
     distances = softmax_distances(model, x, averages)
     with torch.no_grad(), eval_mode(model):
         accuracy = float((model(x).argmax(1) == y).float().mean())
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    with eval_mode(model):
-        penalties = [float(heat.jacobian_penalty(model, x[i:i + chunk], draws=penalty_draws, eps=penalty_eps,
-                                                 generator=generator, output="softmax").detach()) * len(x[i:i + chunk])
-                     for i in range(0, len(x), chunk)]
+    options = {"draws": penalty_draws, "eps": penalty_eps, "chunk": chunk, "generator": generator}
+    at_images = mean_penalty(model, x, **options)
+    noise = torch.Generator(device=x.device).manual_seed(seed + 1)
+    noisy = x + sigma * torch.randn(x.shape, generator=noise, device=x.device, dtype=x.dtype)
     best = int(distances.argmin())
     return {"step": step, **{distance_column(w): float(d) for w, d in zip(widths, distances, strict=True)},
-            "closest_width": float(widths[best]), "accuracy": accuracy, "jacobian_penalty": sum(penalties) / len(x)}
+            "closest_width": float(widths[best]), "accuracy": accuracy, "jacobian_penalty": at_images,
+            "jacobian_penalty_noisy": mean_penalty(model, noisy, **options)}
 
 
 def monte_carlo_floor(first: torch.Tensor, second: torch.Tensor) -> float:
@@ -105,7 +120,8 @@ def drift_table(base: nn.Module, steps: Sequence[nn.Module], x: torch.Tensor, y:
                 widths: Sequence[float], averages: torch.Tensor, sigma: float, **row_options: Any) -> pd.DataFrame:
     """Rows for the base (step 0) and every step's model, with the distance at ``sigma`` relative to the
     base's (``ratio_to_base``)."""
-    rows = [step_row(k, model, x, y, averages, widths, **row_options) for k, model in enumerate([base, *steps])]
+    rows = [step_row(k, model, x, y, averages, widths, sigma, **row_options)
+            for k, model in enumerate([base, *steps])]
     table = pd.DataFrame(rows)
     at_sigma = table[distance_column(sigma)]
     table["ratio_to_base"] = at_sigma / at_sigma.iloc[0]

@@ -176,3 +176,23 @@ def test_cli_names_the_missing_folder(tmp_path, capsys):
 
     assert main(["heat-drift", str(tmp_path / "nowhere")]) == 2
     assert "params.yaml" in capsys.readouterr().err
+
+
+class _SteepBetweenData(nn.Module):
+    """Two classes split by a steep step at x0 = 0: flat at the data (x0 = +-1), steep between them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([10 * torch.tanh(5 * x[:, 0]), torch.zeros_like(x[:, 0])], 1)
+
+
+def test_penalty_off_the_data_sees_what_the_penalty_at_the_data_misses():
+    # At x0 = +-1 the softmax is saturated and flat (measured: mean squared Jacobian 2e-13); at x + 0.6 z
+    # some points land near the step, where it is large (measured mean: 3.0). The thresholds leave orders
+    # of magnitude either side, far beyond the 10-draw estimate's noise.
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]]).repeat(200, 1)
+    y = (x[:, 0] > 0).long().neg().add(1)   # class 0 where x0 > 0
+    model = _SteepBetweenData()
+    averages = gaussian_averages(model, x, [0.6], draws=64, seed=0)
+    row = heat_drift.step_row(0, model, x, y, averages, [0.6], 0.6)
+    assert row["accuracy"] == 1.0
+    assert row["jacobian_penalty"] < 1e-3 and row["jacobian_penalty_noisy"] > 1.0, row
