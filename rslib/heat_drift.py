@@ -13,7 +13,8 @@ setting *tracks* ``sigma`` when the distance at ``sigma`` falls at every step, a
 when it ends at most half the base's (:func:`verdict`). Each row also holds the clean accuracy and
 the mean estimate of ``||J||_F^2`` of the softmax output (``heat.jacobian_penalty``) at the images and at
 ``x + sigma z`` (the points the Gaussian average at ``sigma`` sees; training penalizes only the former
-unless the student gets input noise). The summary also
+unless the student gets input noise), and how far the step moved the model (``step_change``, to
+compare with the base's distance at ``sigma``: what the whole average has to cover). The summary also
 gives the Monte-Carlo floor at ``sigma`` (:func:`monte_carlo_floor`): the distance the exact Gaussian
 average itself would score, below which no setting can be measured.
 
@@ -27,6 +28,7 @@ heat experiment.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -68,11 +70,15 @@ def gaussian_averages(base: nn.Module, x: torch.Tensor, widths: Sequence[float],
     return torch.stack(out)
 
 
+def softmax_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``softmax(model(x))`` in float32, without gradients, in eval mode."""
+    with torch.no_grad(), eval_mode(model):
+        return torch.softmax(model(x), dim=-1).float()
+
+
 def softmax_distances(model: nn.Module, x: torch.Tensor, averages: torch.Tensor) -> torch.Tensor:
     """``(W,)``: mean over images of ``||softmax(model(x_i)) - averages[w, i]||_2`` for every width."""
-    with torch.no_grad(), eval_mode(model):
-        probs = torch.softmax(model(x), dim=-1).float()
-    return (probs.unsqueeze(0) - averages).norm(dim=-1).mean(dim=1)
+    return (softmax_of(model, x).unsqueeze(0) - averages).norm(dim=-1).mean(dim=1)
 
 
 def mean_penalty(model: nn.Module, x: torch.Tensor, *, draws: int, eps: float, chunk: int,
@@ -119,12 +125,16 @@ def monte_carlo_floor(first: torch.Tensor, second: torch.Tensor) -> float:
 def drift_table(base: nn.Module, steps: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor,
                 widths: Sequence[float], averages: torch.Tensor, sigma: float, **row_options: Any) -> pd.DataFrame:
     """Rows for the base (step 0) and every step's model, with the distance at ``sigma`` relative to the
-    base's (``ratio_to_base``)."""
-    rows = [step_row(k, model, x, y, averages, widths, sigma, **row_options)
-            for k, model in enumerate([base, *steps])]
+    base's (``ratio_to_base``) and how far each step moved the model (``step_change``: mean over images of
+    ``||softmax(v_k(x)) - softmax(v_{k-1}(x))||_2``; 0 for the base) -- to compare with the distance the
+    whole average has to cover, the base's distance at ``sigma``."""
+    chain = [base, *steps]
+    rows = [step_row(k, model, x, y, averages, widths, sigma, **row_options) for k, model in enumerate(chain)]
     table = pd.DataFrame(rows)
     at_sigma = table[distance_column(sigma)]
     table["ratio_to_base"] = at_sigma / at_sigma.iloc[0]
+    table["step_change"] = [0.0, *(float(softmax_distances(after, x, softmax_of(before, x).unsqueeze(0))[0])
+                                   for before, after in itertools.pairwise(chain))]
     return table
 
 

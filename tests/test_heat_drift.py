@@ -84,6 +84,11 @@ def test_gamma_one_half_tracks_sigma_and_the_reference_gamma_drifts_wider(proble
     drifting = drift_table(base, _heat_steps(5.0), x, y, WIDTHS, averages, SIGMA)
     assert _moves_away(drifting) and not verdict(drifting, SIGMA)["tracks_sigma"], drifting
     assert drifting["closest_width"].is_monotonic_increasing and drifting["closest_width"].iloc[-1] >= 0.6
+    # The steps move the model at least as far as its distance to the average shrinks (triangle inequality
+    # per image, then the mean): the step changes are the actual moves, not zeros.
+    at_sigma = tracking[distance_column(SIGMA)]
+    assert tracking["step_change"].iloc[0] == 0.0
+    assert tracking["step_change"].iloc[1:].sum() >= at_sigma.iloc[0] - at_sigma.iloc[-1] > 0.05
     # The averaged models are smoother than the base: a smaller softmax Jacobian.
     assert (tracking["jacobian_penalty"].iloc[1:] < tracking["jacobian_penalty"].iloc[0]).all()
 
