@@ -98,8 +98,7 @@ def step_row(step: int, model: nn.Module, x: torch.Tensor, y: torch.Tensor, aver
     the images and at ``x + sigma z`` (where the Gaussian average at ``sigma`` looks; one seeded ``z``
     per image, the same for every step)."""
     distances = softmax_distances(model, x, averages)
-    with torch.no_grad(), eval_mode(model):
-        accuracy = float((model(x).argmax(1) == y).float().mean())
+    accuracy = float((softmax_of(model, x).argmax(1) == y).float().mean())
     generator = torch.Generator(device=x.device).manual_seed(seed)
     options = {"draws": penalty_draws, "eps": penalty_eps, "chunk": chunk, "generator": generator}
     at_images = mean_penalty(model, x, **options)
