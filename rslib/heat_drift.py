@@ -76,9 +76,9 @@ def softmax_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(model(x), dim=-1).float()
 
 
-def softmax_distances(model: nn.Module, x: torch.Tensor, averages: torch.Tensor) -> torch.Tensor:
-    """``(W,)``: mean over images of ``||softmax(model(x_i)) - averages[w, i]||_2`` for every width."""
-    return (softmax_of(model, x).unsqueeze(0) - averages).norm(dim=-1).mean(dim=1)
+def distances_to(probs: torch.Tensor, averages: torch.Tensor) -> torch.Tensor:
+    """``(W,)``: mean over images of ``||probs_i - averages[w, i]||_2`` for every width."""
+    return (probs.unsqueeze(0) - averages).norm(dim=-1).mean(dim=1)
 
 
 def mean_penalty(model: nn.Module, x: torch.Tensor, *, draws: int, eps: float, chunk: int,
@@ -91,23 +91,20 @@ def mean_penalty(model: nn.Module, x: torch.Tensor, *, draws: int, eps: float, c
     return total / len(x)
 
 
-def step_row(step: int, model: nn.Module, x: torch.Tensor, y: torch.Tensor, averages: torch.Tensor,
-             widths: Sequence[float], sigma: float, *, penalty_draws: int = 10, penalty_eps: float = 0.01,
-             chunk: int = 250, seed: int = 0) -> dict[str, Any]:
-    """One row of the drift table: distances per width, the closest width, accuracy, and the penalty at
-    the images and at ``x + sigma z`` (where the Gaussian average at ``sigma`` looks; one seeded ``z``
-    per image, the same for every step)."""
-    distances = softmax_distances(model, x, averages)
-    accuracy = float((softmax_of(model, x).argmax(1) == y).float().mean())
+def step_row(step: int, model: nn.Module, probs: torch.Tensor, x: torch.Tensor, noisy: torch.Tensor,
+             y: torch.Tensor, averages: torch.Tensor, widths: Sequence[float], *, penalty_draws: int = 10,
+             penalty_eps: float = 0.01, chunk: int = 250, seed: int = 0) -> dict[str, Any]:
+    """One row of the drift table from the model's softmax ``probs`` at ``x``: distances per width, the
+    closest width, accuracy, and the penalty at the images and at ``noisy`` (``x + sigma z``, where the
+    Gaussian average at ``sigma`` looks)."""
+    distances = distances_to(probs, averages)
     generator = torch.Generator(device=x.device).manual_seed(seed)
     options = {"draws": penalty_draws, "eps": penalty_eps, "chunk": chunk, "generator": generator}
     at_images = mean_penalty(model, x, **options)
-    noise = torch.Generator(device=x.device).manual_seed(seed + 1)
-    noisy = x + sigma * torch.randn(x.shape, generator=noise, device=x.device, dtype=x.dtype)
     best = int(distances.argmin())
     return {"step": step, **{distance_column(w): float(d) for w, d in zip(widths, distances, strict=True)},
-            "closest_width": float(widths[best]), "accuracy": accuracy, "jacobian_penalty": at_images,
-            "jacobian_penalty_noisy": mean_penalty(model, noisy, **options)}
+            "closest_width": float(widths[best]), "accuracy": float((probs.argmax(1) == y).float().mean()),
+            "jacobian_penalty": at_images, "jacobian_penalty_noisy": mean_penalty(model, noisy, **options)}
 
 
 def monte_carlo_floor(first: torch.Tensor, second: torch.Tensor) -> float:
@@ -122,18 +119,24 @@ def monte_carlo_floor(first: torch.Tensor, second: torch.Tensor) -> float:
 
 
 def drift_table(base: nn.Module, steps: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor,
-                widths: Sequence[float], averages: torch.Tensor, sigma: float, **row_options: Any) -> pd.DataFrame:
+                widths: Sequence[float], averages: torch.Tensor, sigma: float, *, seed: int = 0,
+                **row_options: Any) -> pd.DataFrame:
     """Rows for the base (step 0) and every step's model, with the distance at ``sigma`` relative to the
     base's (``ratio_to_base``) and how far each step moved the model (``step_change``: mean over images of
     ``||softmax(v_k(x)) - softmax(v_{k-1}(x))||_2``; 0 for the base) -- to compare with the distance the
-    whole average has to cover, the base's distance at ``sigma``."""
+    whole average has to cover, the base's distance at ``sigma``. The penalty off the data is taken at
+    ``x + sigma z``, one seeded ``z`` per image, the same for every step."""
     chain = [base, *steps]
-    rows = [step_row(k, model, x, y, averages, widths, sigma, **row_options) for k, model in enumerate(chain)]
+    probs = [softmax_of(model, x) for model in chain]
+    generator = torch.Generator(device=x.device).manual_seed(seed + 1)
+    noisy = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    rows = [step_row(k, model, p, x, noisy, y, averages, widths, seed=seed, **row_options)
+            for k, (model, p) in enumerate(zip(chain, probs, strict=True))]
     table = pd.DataFrame(rows)
     at_sigma = table[distance_column(sigma)]
     table["ratio_to_base"] = at_sigma / at_sigma.iloc[0]
-    table["step_change"] = [0.0, *(float(softmax_distances(after, x, softmax_of(before, x).unsqueeze(0))[0])
-                                   for before, after in itertools.pairwise(chain))]
+    table["step_change"] = [0.0, *(float((after - before).norm(dim=-1).mean())
+                                   for before, after in itertools.pairwise(probs))]
     return table
 
 

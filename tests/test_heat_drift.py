@@ -111,7 +111,8 @@ def test_a_constant_model_is_its_own_average():
     x = torch.rand(5, 1, 2, 2)
     averages = gaussian_averages(model, x, [0.5, 1.0], draws=7)
     assert torch.allclose(averages, torch.softmax(model[1].bias, 0).expand(2, 5, 3))
-    assert torch.allclose(heat_drift.softmax_distances(model, x, averages), torch.zeros(2), atol=1e-6)
+    assert torch.allclose(heat_drift.distances_to(heat_drift.softmax_of(model, x), averages), torch.zeros(2),
+                          atol=1e-6)
 
 
 def test_monte_carlo_floor_is_the_error_of_one_estimate():
@@ -198,6 +199,7 @@ def test_penalty_off_the_data_sees_what_the_penalty_at_the_data_misses():
     y = (x[:, 0] > 0).long().neg().add(1)   # class 0 where x0 > 0
     model = _SteepBetweenData()
     averages = gaussian_averages(model, x, [0.6], draws=64, seed=0)
-    row = heat_drift.step_row(0, model, x, y, averages, [0.6], 0.6)
+    noisy = x + 0.6 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    row = heat_drift.step_row(0, model, heat_drift.softmax_of(model, x), x, noisy, y, averages, [0.6])
     assert row["accuracy"] == 1.0
     assert row["jacobian_penalty"] < 1e-3 and row["jacobian_penalty_noisy"] > 1.0, row
