@@ -33,7 +33,8 @@ sync: $(STAMP)
 	$(VENV)/bin/jupytext --sync notebooks/*.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check rslib tests benchmarks
+	$(VENV)/bin/ruff check rslib tests benchmarks notebooks
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -23,11 +23,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import median_seconds  # noqa: E402
 
-from rslib.certify import Smooth
-from rslib.io import atomic_write_json, provenance  # noqa: E402
-from rslib.lbound import deterministic_certify  # noqa: E402
-from rslib.models import build_model  # noqa: E402
-from rslib.noises import make_noise  # noqa: E402
+from rslib.core.certify import Smooth
+from rslib.core.lbound import deterministic_certify  # noqa: E402
+from rslib.core.noises import make_noise  # noqa: E402
+from rslib.nn.architectures import build_model  # noqa: E402
+from rslib.util.files import atomic_write_json
+from rslib.util.provenance import provenance  # noqa: E402
 
 MODELS = [("small_cnn", "digits"), ("cifar_resnet20", "cifar10")]
 NOISES = [("Gaussian", {}), ("Uniform", {}), ("Laplace", {}), ("ExpInf", {"k": 10, "j": 0})]

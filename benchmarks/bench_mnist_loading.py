@@ -23,9 +23,10 @@ import torch
 from _timing import median_seconds
 from torch.utils.data import Dataset
 
-from rslib import models
-from rslib.data import default_data_dir, load_dataset, make_loader
-from rslib.io import atomic_write_json, provenance
+from rslib.nn import architectures
+from rslib.nn.data import default_data_dir, load_dataset, make_loader
+from rslib.util.files import atomic_write_json
+from rslib.util.provenance import provenance
 
 BATCH = 256
 FORWARD_BATCH = 500
@@ -60,7 +61,7 @@ def train_epoch_rate(dataset: Dataset, device: torch.device,
                      memory_format: torch.memory_format = torch.contiguous_format) -> float:
     """Images/s of one training epoch of lenet_caffe with noise augmentation, loading included."""
     torch.manual_seed(0)
-    model = models.build_model("lenet_caffe", "mnist").to(device, memory_format=memory_format).train()
+    model = architectures.build_model("lenet_caffe", "mnist").to(device, memory_format=memory_format).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
 
     def epoch() -> None:
@@ -79,7 +80,7 @@ def train_epoch_rate(dataset: Dataset, device: torch.device,
 
 def forward_rates(device: torch.device) -> dict[str, float]:
     """lenet_caffe forward images/s at batch 500 (inference mode), contiguous and channels_last."""
-    model = models.build_model("lenet_caffe", "mnist").to(device).eval()
+    model = architectures.build_model("lenet_caffe", "mnist").to(device).eval()
     x = torch.rand(FORWARD_BATCH, 1, 28, 28, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rates = {}

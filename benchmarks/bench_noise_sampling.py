@@ -19,8 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import median_seconds  # noqa: E402
 
-from rslib.io import atomic_write_json, provenance  # noqa: E402
-from rslib.noises import make_noise  # noqa: E402
+from rslib.core.noises import make_noise  # noqa: E402
+from rslib.util.files import atomic_write_json
+from rslib.util.provenance import provenance  # noqa: E402
 
 CASES = [
     ("Gaussian", {}), ("Laplace", {}), ("Uniform", {}), ("Pareto", {"a": 3}), ("UniformBall", {}),

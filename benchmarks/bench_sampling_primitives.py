@@ -1,4 +1,4 @@
-"""Time the elementwise samplers of ``rslib.noises.sampling`` against ``torch.randn_like``.
+"""Time the elementwise samplers of ``rslib.core.noises.sampling`` against ``torch.randn_like``.
 
 Usage: ``python benchmarks/bench_sampling_primitives.py [--shape 1024 3072] [--repeats 15]
 [--device cpu] [--dtype float32]``. Prints the median time of each primitive (after warm-up, cases interleaved) and its
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from rslib.noises import sampling
+from rslib.core.noises import sampling
 
 
 def _sync(device: torch.device) -> None:

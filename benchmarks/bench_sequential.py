@@ -29,13 +29,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rslib import models
-from rslib.certify import Smooth, look_sizes, recertify
-from rslib.certify_stage import read_table
-from rslib.data import batch_of, load_dataset, subset
-from rslib.io import atomic_write_json, provenance
-from rslib.metrics import certified_accuracy
-from rslib.noises import make_noise, norm_label, parse_norm
+from rslib.core.certify import Smooth, look_sizes, recertify
+from rslib.core.metrics import certified_accuracy
+from rslib.core.noises import make_noise, norm_label, parse_norm
+from rslib.nn import checkpoints
+from rslib.nn.data import batch_of, load_dataset, subset
+from rslib.pipeline.certify_stage import read_table
+from rslib.util.files import atomic_write_json
+from rslib.util.provenance import provenance
 
 
 def _numbers(text: str, kind: type) -> list[Any]:
@@ -136,7 +137,7 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace, images: in
 def main() -> None:
     args = parse_args()
     torch.set_grad_enabled(False)
-    model = models.load(args.checkpoint, device=args.device)
+    model = checkpoints.load(args.checkpoint, device=args.device)
     dataset = load_dataset(args.dataset, "test", seed=args.seed)
     _, selection = subset(dataset, args.skip, args.max_images)
     images = len(selection)

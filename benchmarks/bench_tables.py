@@ -21,10 +21,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rslib.io import atomic_write_json, provenance  # noqa: E402
-from rslib.noises import make_noise  # noqa: E402
-from rslib.noises.tables import clear_memory_cache  # noqa: E402
-from rslib.params import TutorialParams  # noqa: E402
+from rslib.core.noises import make_noise  # noqa: E402
+from rslib.core.noises.tables import clear_memory_cache  # noqa: E402
+from rslib.pipeline.params import TutorialParams  # noqa: E402
+from rslib.util.files import atomic_write_json
+from rslib.util.provenance import provenance  # noqa: E402
 
 NORMS = {"l1": 1, "l2": 2, "linf": math.inf}
 

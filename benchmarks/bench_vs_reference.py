@@ -4,7 +4,7 @@ For each model, every variant certifies the same images with ``n0`` selection an
 at ``alpha`` (Gaussian noise, sigma 0.25); the variants run interleaved, ``--repeats`` times:
 
 - ``rslib_default``: ``Smooth(model, noise, K).certify(x, y, n0=, n=, alpha=)`` as users call it: no batch
-  size, no memory format (both measured by ``rslib.autotune`` on the first call, then cached; that
+  size, no memory format (both measured by ``rslib.core.autotune`` on the first call, then cached; that
   one-off measurement is timed apart, in ``autotune.seconds``);
 - ``art_default``: ART's ``certify(x, n=n)`` with ``sample_size=n0``, ``scale=sigma``, ``alpha``, at
   its default ``batch_size=32``; ``art_auto_batch``: ART at the batch size and memory format rslib chose
@@ -41,12 +41,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from rslib import autotune
-from rslib.certify import Smooth
-from rslib.data import load_digits
-from rslib.io import atomic_write_json, provenance
-from rslib.models import build_model, load
-from rslib.noises import make_noise
+from rslib.core import autotune
+from rslib.core.certify import Smooth
+from rslib.core.noises import make_noise
+from rslib.nn.architectures import build_model
+from rslib.nn.checkpoints import load
+from rslib.nn.data.digits import load_digits
+from rslib.util.files import atomic_write_json
+from rslib.util.provenance import provenance
 
 #: (dataset, images certified per repeat): each image costs n0 + n forwards.
 MODELS = {"small_cnn": ("digits", 10), "lenet_caffe": ("mnist", 4), "cifar_resnet20": ("cifar10", 1)}

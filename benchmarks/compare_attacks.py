@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rslib.alma import alma
-from rslib.attacks import ddn, pgd_minimal
-from rslib.data import load_dataset
-from rslib.io import atomic_write_json, provenance
-from rslib.layout import FINAL_CHECKPOINT, checkpoints_dir
-from rslib.models import load
+from rslib.core.attacks import alma, ddn, pgd_minimal
+from rslib.nn.checkpoints import load
+from rslib.nn.data import load_dataset
+from rslib.pipeline.layout import FINAL_CHECKPOINT, checkpoints_dir
+from rslib.util.files import atomic_write_json
+from rslib.util.provenance import provenance
 
 MODELS = {"baseline": "Baseline", "cohen": "Cohen (as a base model)", "heat": "Averaged (heat smoothing)"}
 RSLIB = ("rslib ddn", "rslib pgd", "rslib alma")

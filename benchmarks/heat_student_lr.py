@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from rslib import heat, models
-from rslib.data import load_dataset
-from rslib.io import atomic_write_json, provenance
+from rslib.nn import architectures, checkpoints, heat
+from rslib.nn.data import load_dataset
+from rslib.util.files import atomic_write_json
+from rslib.util.provenance import provenance
 
 BATCH = 256
 
@@ -33,7 +34,7 @@ def probe(teacher: torch.nn.Module, loader, config: heat.HeatConfig, arch: str, 
           batches: int, report_every: int) -> list[dict[str, float]]:
     """Train a fresh student for ``batches`` batches at ``lr``; the objective's parts every few batches."""
     torch.manual_seed(1)
-    student = models.build_model(arch, dataset).to(memory_format=torch.channels_last)
+    student = architectures.build_model(arch, dataset).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     rows, start = [], time.perf_counter()
     for index, (x, y) in enumerate(loader):
@@ -71,7 +72,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None)
     args = parser.parse_args()
 
-    teacher = models.load(args.teacher).eval().requires_grad_(False)
+    teacher = checkpoints.load(args.teacher).eval().requires_grad_(False)
     train_set = load_dataset(args.dataset, "train", data_dir=args.data_dir, download=True)
     loader = torch.utils.data.DataLoader(train_set, batch_size=BATCH, shuffle=True,
                                          generator=torch.Generator().manual_seed(0))

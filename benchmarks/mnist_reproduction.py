@@ -6,7 +6,7 @@ sigma, compares our certified accuracy on the 0.25 radius grid with the publishe
 points, every radius r <= 1.5 sigma within 3 points). Then it quantifies the sample-size cap: with n draws
 the largest certifiable radius is ``sigma * PhiInv(alpha ** (1 / n))`` (3.20 sigma at 10,000, 3.81 sigma at
 100,000), and a plug-in projection recertifies every image as if its top-class frequency ``k / n`` had
-been observed over 100,000 draws (``rslib.certify.recertify`` on the rescaled counts): the difference to
+been observed over 100,000 draws (``rslib.core.certify.recertify`` on the rescaled counts): the difference to
 our curve is what the smaller n costs at each radius (an estimate: it takes the observed frequency for
 the true probability, optimistic for images at the cap). Stage wall times come from the study's
 markers. Writes ``benchmarks/results/mnist_reproduction.json`` (or ``--out``) and prints Markdown tables.
@@ -27,12 +27,13 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm as normal
 
-from rslib import layout
-from rslib.certify import recertify
-from rslib.certify_stage import read_table
-from rslib.io import atomic_write_json, provenance
-from rslib.metrics import average_certified_radius, certified_accuracy
-from rslib.noises import make_noise
+from rslib.core.certify import recertify
+from rslib.core.metrics import average_certified_radius, certified_accuracy
+from rslib.core.noises import make_noise
+from rslib.pipeline import layout
+from rslib.pipeline.certify_stage import read_table
+from rslib.util.files import atomic_write_json
+from rslib.util.provenance import provenance
 
 RADII = np.round(np.arange(0, 2.51, 0.25), 2)
 PUBLISHED_N = 100_000

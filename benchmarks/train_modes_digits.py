@@ -11,9 +11,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from rslib import models, train
-from rslib.io import atomic_write_json, provenance
-from rslib.params import validate
+from rslib.nn import checkpoints
+from rslib.pipeline import train
+from rslib.pipeline.params import validate
+from rslib.util.files import atomic_write_json
+from rslib.util.provenance import provenance
 
 MODES = [
     ("standard", {}),
@@ -39,7 +41,7 @@ def main() -> None:
             start = time.perf_counter()
             checkpoint = train.fit(experiment, Path(root) / mode, progress=False, log=lambda *_: None)
             seconds = time.perf_counter() - start
-            last = models.load_checkpoint(checkpoint)["extra"]["metrics"][-1]
+            last = checkpoints.load_checkpoint(checkpoint)["extra"]["metrics"][-1]
             rows.append({"mode": mode, "test_acc": last["test_acc"], "test_noisy_acc": last.get("test_noisy_acc"),
                          "seconds": seconds})
             noisy = last.get("test_noisy_acc")

@@ -37,7 +37,7 @@ output_dir = "."
 # %%
 from IPython.display import Markdown, display
 
-from rslib import plots, results
+from rslib.report import plots, results
 
 study, data, out = results.open_study(output_dir, results.load_attack_group)
 

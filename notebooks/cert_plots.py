@@ -41,7 +41,8 @@ output_dir = "."
 # %%
 from IPython.display import Markdown, display
 
-from rslib import metrics, plots, results
+from rslib.core import metrics
+from rslib.report import plots, results
 
 study, data, out = results.open_study(output_dir, results.load_certify_group)
 

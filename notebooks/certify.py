@@ -45,11 +45,13 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import display
 
-import rslib.params
-from rslib import certify_stage, layout, metrics, plots
-from rslib.io import atomic_write_text
+import rslib.pipeline.params
+from rslib.core import metrics
+from rslib.pipeline import certify_stage, layout
+from rslib.report import plots
+from rslib.util.files import atomic_write_text
 
-experiment = rslib.params.load(params_file)
+experiment = rslib.pipeline.params.load(params_file)
 output_dir = Path(output_dir)
 spec = experiment.certify
 print(f"experiment {experiment.experiment}: {experiment.model.arch} on {experiment.data.dataset}, "

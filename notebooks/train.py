@@ -40,18 +40,20 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import display
 
-import rslib.params
-from rslib import models, plots, train
+import rslib.pipeline.params
+from rslib.nn import architectures, checkpoints
+from rslib.pipeline import train
+from rslib.report import plots
 
-experiment = rslib.params.load(params_file)
+experiment = rslib.pipeline.params.load(params_file)
 output_dir = Path(output_dir)
 print(f"experiment {experiment.experiment}: {experiment.train.mode} training of {experiment.model.arch} "
       f"on {experiment.data.dataset}; noise {experiment.noise.name}(sigma={experiment.noise.sigma})")
 
 # %%
 checkpoint = train.fit(experiment, output_dir)
-model = models.load(checkpoint)
-print(f"final model: {checkpoint} ({models.count_parameters(model):,} parameters)")
+model = checkpoints.load(checkpoint)
+print(f"final model: {checkpoint} ({architectures.count_parameters(model):,} parameters)")
 
 # %% [markdown]
 # ## Loss and accuracy per epoch

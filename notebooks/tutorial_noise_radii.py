@@ -36,12 +36,9 @@ import numpy as np
 import pandas as pd
 from IPython.display import display
 
-import rslib.params
-from rslib import plots
-from rslib.data import load_digits
-from rslib.io import atomic_write_json, atomic_write_text, provenance
-from rslib.noises import NORM_LABELS, conversion_factor
-from rslib.noises.curves import (
+import rslib.pipeline.params
+from rslib.core.noises import NORM_LABELS, conversion_factor
+from rslib.core.noises.curves import (
     certificate_sources,
     noise_summary,
     radii_at,
@@ -49,9 +46,13 @@ from rslib.noises.curves import (
     spec_label,
     winners,
 )
-from rslib.noises.tables import cache_dir
+from rslib.core.noises.tables import cache_dir
+from rslib.nn.data.digits import load_digits
+from rslib.report import plots
+from rslib.util.files import atomic_write_json, atomic_write_text
+from rslib.util.provenance import provenance
 
-experiment = rslib.params.load(params_file)
+experiment = rslib.pipeline.params.load(params_file)
 cfg = experiment.tutorial
 figures_dir = Path(output_dir) / "figures"
 results_dir = Path(output_dir) / "results"

@@ -9,12 +9,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rslib import layout, models, params, study
-from rslib.checkpoint_import import INPUT_LAYERS, SOURCES, import_checkpoint
-from rslib.data import DATASETS
-from rslib.heat_drift import DEFAULT_WIDTHS, experiment_drift
-from rslib.locks import LockHeld, lock_for_rank, sigterm_as_interrupt
-from rslib.runner import (
+from rslib.nn import checkpoints
+from rslib.nn.checkpoint_import import INPUT_LAYERS, SOURCES, import_checkpoint
+from rslib.nn.data import DATASETS
+from rslib.pipeline import layout, params, study
+from rslib.pipeline.heat_drift import DEFAULT_WIDTHS, experiment_drift
+from rslib.pipeline.locks import LockHeld, lock_for_rank, sigterm_as_interrupt
+from rslib.pipeline.runner import (
     LockPolicy,
     RunError,
     RunReport,
@@ -23,12 +24,12 @@ from rslib.runner import (
     resolved_params_text,
     run_file,
 )
-from rslib.status import experiment_status, folder_experiments, format_status
+from rslib.pipeline.status import experiment_status, folder_experiments, format_status
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 #: ``rslib stage NAME``: module and function of each stage that runs without a notebook.
-_STAGE_FUNCTIONS = {"train": ("rslib.train", "fit"), "certify": ("rslib.certify_stage", "certify_experiment"),
-                    "attack": ("rslib.attack_stage", "attack_experiment")}
+_STAGE_FUNCTIONS = {"train": ("rslib.pipeline.train", "fit"), "certify": ("rslib.pipeline.certify_stage", "certify_experiment"),
+                    "attack": ("rslib.pipeline.attack_stage", "attack_experiment")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
         "heat-drift", help="which Gaussian a heat experiment's averaged models approximate, step by step",
         description="For a finished heat experiment folder: distance of each step's softmax to Monte-Carlo "
                     "Gaussian averages of its base at a grid of widths, the closest width, accuracy and the "
-                    "Jacobian penalty; writes results/heat_drift.csv and heat_drift.json (see rslib.heat_drift).")
+                    "Jacobian penalty; writes results/heat_drift.csv and heat_drift.json (see rslib.pipeline.heat_drift).")
     drift.add_argument("folder", help="the heat experiment's folder, e.g. outputs/mnist_heat_cpu/heat_seed")
     drift.add_argument("--images", type=int, default=1000, help="test images (default 1000)")
     drift.add_argument("--skip", type=int, default=10, help="every skip-th test image (default 10)")
@@ -133,7 +134,7 @@ def _heat_drift(args: argparse.Namespace) -> int:
         widths = [float(w) for w in args.widths.split(",") if w.strip()]
         table, summary = experiment_drift(args.folder, images=args.images, skip=args.skip, draws=args.draws,
                                           widths=widths, device=args.device)
-    except (ValueError, FileNotFoundError, models.CheckpointError) as err:
+    except (ValueError, FileNotFoundError, checkpoints.CheckpointError) as err:
         print(f"rslib: error: {err}", file=sys.stderr)
         return EXIT_INVALID
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
@@ -212,7 +213,7 @@ def _status(args: argparse.Namespace, overrides: dict) -> int:
         rows += experiment_status(f"{loaded.name} (plots)", out, loaded.plots)
     else:
         exp = params.load(args.params, **overrides)
-        rows = experiment_status(exp.experiment, layout.experiment_dir(exp, root), exp.stages,
+        rows = experiment_status(exp.experiment, layout.experiment_dir(exp.experiment, root), exp.stages,
                                  plan(exp, None, False, root, args.notebooks_dir))
     print(format_status(rows))
     return EXIT_OK
@@ -267,7 +268,7 @@ def _run_stage(name: str, path: str, overrides: dict, output_dir: str | None, pr
                                  f"`rslib resolve {path} NAME > NAME.yaml` and pass that file")
     experiment = params.load(path, **overrides)
     module, function = _STAGE_FUNCTIONS[name]
-    folder = layout.stage_output_dir(experiment, output_dir)
+    folder = layout.stage_output_dir(experiment.experiment, output_dir)
     with lock_for_rank(folder):  # under torchrun, rank 0 holds the experiment for all ranks
         getattr(importlib.import_module(module), function)(experiment, folder, progress=progress)
     if torch.distributed.is_initialized():
@@ -279,10 +280,10 @@ def _import_checkpoint(args: argparse.Namespace) -> int:
     """``rslib import-checkpoint SRC DST ...``: convert, then say what was written."""
     try:
         path = import_checkpoint(args.src, args.dst, args.source, args.arch, args.dataset, args.input_layer)
-    except (models.CheckpointError, FileNotFoundError) as err:
+    except (checkpoints.CheckpointError, FileNotFoundError) as err:
         print(f"rslib: error: {err}", file=sys.stderr)
         return EXIT_INVALID
-    ckpt = models.load_checkpoint(path)
+    ckpt = checkpoints.load_checkpoint(path)
     info = ckpt["extra"]["imported_from"]
     print(f"wrote {path}: rslib {ckpt['arch']} for {ckpt['dataset']} from {info['source']} "
           f"({info['original_arch']}; input layer: {info['input_layer']}; sha256 {info['sha256'][:12]})")
@@ -331,7 +332,7 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "validate":
         exp = params.load(args.params, **overrides)
         planned = plan(exp, only, False, args.output_root, args.notebooks_dir)
-        print(format_plan(exp, planned, layout.experiment_dir(exp, args.output_root)))
+        print(format_plan(exp, planned, layout.experiment_dir(exp.experiment, args.output_root)))
         return EXIT_OK
     report = run_file(
         args.params, only=only, overrides=overrides, force=args.force,

@@ -37,7 +37,7 @@ def set_rank_env(rank: int, world: int, port: int) -> None:
 
 def top_logit_gradient_norms(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``||grad_x f_c(x)||_2`` per input, ``c`` the top class at ``x`` (held fixed); eval mode, modes restored."""
-    from rslib.models import eval_mode
+    from rslib.core.modules import eval_mode
 
     with torch.enable_grad(), eval_mode(model):
         xg = x.detach().clone().requires_grad_(True)

@@ -21,11 +21,12 @@ import torch
 import torch.multiprocessing as mp
 from helpers import free_port, set_rank_env
 
-from rslib import attack_stage, metrics, train
-from rslib.data import load_dataset, subset
-from rslib.lbound import COLUMNS as LBOUND_COLUMNS
-from rslib.params import ParamsError, load, validate
-from rslib.runner import run_file as run
+from rslib.core import metrics
+from rslib.core.lbound import COLUMNS as LBOUND_COLUMNS
+from rslib.nn.data import load_dataset, subset
+from rslib.pipeline import attack_stage, train
+from rslib.pipeline.params import ParamsError, load, validate
+from rslib.pipeline.runner import run_file as run
 
 PARAMS = Path(__file__).resolve().parents[1] / "params" / "demo" / "attack.yaml"
 SKIP = 45                     # digits test split: 450 images -> 10 selected
@@ -61,7 +62,7 @@ def _experiment(name: str, **overrides):
 
 
 def _fit(output_root: Path, name: str, **overrides) -> Path:
-    """Train with rslib.train directly (the train notebook has its own tests)."""
+    """Train with rslib.pipeline.train directly (the train notebook has its own tests)."""
     return train.fit(_experiment(name, **overrides), output_root / name, progress=False, log=quiet)
 
 
@@ -280,6 +281,6 @@ def test_alma_and_best_in_the_stage(tmp_path, base_model):
     for _, row in best[best["success"]].iterrows():
         assert tables[row["found_by"]].set_index("idx").loc[row["idx"], "l2"] == row["l2"]
     meta = json.loads((tmp_path / "results" / "attack.json").read_text())
-    assert meta["attacks"]["alma"]["settings"]["restarts"] == 2
+    assert meta["attacks"]["alma"]["settings"]["alma_restarts"] == 2
     loaded, _, _ = attack_stage.read_results(tmp_path)
     assert sorted(loaded) == ["alma", "best", "ddn", "pgd"] and list(loaded)[-1] == "best"

@@ -17,7 +17,7 @@ from helpers import Linear2
 from scipy.optimize import minimize
 from torch import nn
 
-from rslib.attacks import (
+from rslib.core.attacks import (
     ABSTAIN,
     FRAME_COLUMNS,
     AttackResult,
@@ -30,9 +30,9 @@ from rslib.attacks import (
     smooth_predict_judge,
     smoothed,
 )
-from rslib.certify import Smooth
-from rslib.data import load_dataset
-from rslib.noises import make_noise
+from rslib.core.certify import Smooth
+from rslib.core.noises import make_noise
+from rslib.nn.data import load_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from rslib import autotune
-from rslib.attacks import majority_vote_judge
-from rslib.certify import Smooth, _generator, perturb_with, soft_average, vote_counts
-from rslib.noises import make_noise
+from rslib.core import autotune
+from rslib.core.attacks import majority_vote_judge
+from rslib.core.certify import Smooth, _generator, perturb_with, soft_average, vote_counts
+from rslib.core.noises import make_noise
 
 
 @pytest.fixture(autouse=True)

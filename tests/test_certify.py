@@ -17,7 +17,7 @@ from scipy import stats
 from statsmodels.stats.proportion import proportion_confint
 from torch import nn
 
-from rslib.certify import (
+from rslib.core.certify import (
     ABSTAIN,
     COLUMNS,
     Smooth,
@@ -26,9 +26,9 @@ from rslib.certify import (
     soft_average,
     vote_counts,
 )
-from rslib.lbound import deterministic_certify
-from rslib.metrics import average_certified_radius, certified_accuracy
-from rslib.noises import make_noise
+from rslib.core.lbound import deterministic_certify
+from rslib.core.metrics import average_certified_radius, certified_accuracy
+from rslib.core.noises import make_noise
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,13 @@ import torch.multiprocessing as mp
 from helpers import free_port, set_rank_env
 from scipy.stats import norm
 
-from rslib import certify_stage, metrics, train
-from rslib.certify import Smooth
-from rslib.data import load_dataset, subset
-from rslib.lbound import LBOUND_COLUMNS
-from rslib.metrics import certified_accuracy
-from rslib.params import ParamsError, validate
+from rslib.core import metrics
+from rslib.core.certify import Smooth
+from rslib.core.lbound import LBOUND_COLUMNS
+from rslib.core.metrics import certified_accuracy
+from rslib.nn.data import load_dataset, subset
+from rslib.pipeline import certify_stage, train
+from rslib.pipeline.params import ParamsError, validate
 
 SKIP = 15                     # digits test split: 450 images -> 30 selected
 IMAGES_PER_BATCH = 8          # -> batches of 8, 8, 8, 6
@@ -260,7 +261,7 @@ def test_lbound_needs_gaussian_noise(trained, tmp_path):
 
 
 def test_missing_checkpoint_says_what_to_do(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run the train stage first"):
+    with pytest.raises(FileNotFoundError, match="train the model first"):
         certify_stage.certify_experiment(experiment(), tmp_path, progress=False, log=quiet)
 
 
@@ -291,8 +292,8 @@ def test_certify_params_defaults_and_errors():
 
 
 def test_sequential_certification_in_the_stage(trained, tmp_path):
-    from rslib.certify import SEQUENTIAL_COLUMNS, look_sizes, recertify
-    from rslib.noises import make_noise
+    from rslib.core.certify import SEQUENTIAL_COLUMNS, look_sizes, recertify
+    from rslib.core.noises import make_noise
 
     exp = with_checkpoint(trained, n=2000, radii_of_interest={"l2": [0.1, 0.2]}, looks=4)
     csv = certify_stage.certify_experiment(exp, tmp_path, progress=False, log=quiet)

@@ -2,7 +2,7 @@
 
 Each source gets a small random model laid out exactly as its codebase builds it (the reference
 modules below, written from the public code: module names, parameter vs attribute, wrappers), saved
-the way its training script saves it. The file is imported, loaded with ``rslib.models.load`` and
+the way its training script saves it. The file is imported, loaded with ``rslib.nn.architectures.load`` and
 its logits compared with the reference's on the same input in [0, 1] (eval mode, batch norms with
 non-trivial running statistics).
 """
@@ -17,13 +17,13 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-from rslib import models
-from rslib.checkpoint_import import (
+from rslib.nn import checkpoints
+from rslib.nn.checkpoint_import import (
     CheckpointImportError,
-    foreign_checkpoint_hint,
     import_checkpoint,
 )
-from rslib.io import file_sha256
+from rslib.nn.releases import foreign_checkpoint_hint
+from rslib.util.files import file_sha256
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,7 +133,7 @@ def save_cohen(model: nn.Module, arch: str, path, **save_kwargs) -> None:
 
 
 class Rs4aNormalizeLayer(nn.Module):
-    """src/models.py NormalizeLayer: mu and log_sig are frozen Parameters of shape (C, 1, 1)."""
+    """src/architectures.py NormalizeLayer: mu and log_sig are frozen Parameters of shape (C, 1, 1)."""
 
     def __init__(self, mu: tuple[float, ...], sigma: tuple[float, ...]) -> None:
         super().__init__()
@@ -220,7 +220,7 @@ class Rs4aLeNet(nn.Module):
 
 
 class Rs4aForecaster(nn.Module):
-    """src/models.py: ``norm`` then ``model``; WideResNet/ResNet wrap both in DataParallel, LeNet neither."""
+    """src/architectures.py: ``norm`` then ``model``; WideResNet/ResNet wrap both in DataParallel, LeNet neither."""
 
     def __init__(self, norm: nn.Module, model: nn.Module, data_parallel: bool) -> None:
         super().__init__()
@@ -332,7 +332,7 @@ def import_and_compare(
     ``reference`` on ``x``, the loaded model)."""
     import_checkpoint(src, dst, **kwargs)
     torch.load(dst, weights_only=True)  # an rslib checkpoint: plain tensors and values only
-    imported = models.load(dst)
+    imported = checkpoints.load(dst)
     with torch.no_grad():
         expected, got = reference.eval()(x), imported(x)
     assert got.shape == expected.shape
@@ -344,7 +344,7 @@ def pixels(*shape: int) -> torch.Tensor:
 
 
 def imported_from(path) -> dict:
-    return models.load_checkpoint(path)["extra"]["imported_from"]
+    return checkpoints.load_checkpoint(path)["extra"]["imported_from"]
 
 
 @pytest.fixture(autouse=True)
@@ -657,7 +657,7 @@ def test_missing_source_file(tmp_path):
         import_checkpoint(tmp_path / "absent.pth.tar", tmp_path / "out.pt", source="cohen")
 
 
-# ---------------------------------------------------------------- the hint for models.load
+# ---------------------------------------------------------------- the hint for checkpoints.load
 
 
 def test_foreign_checkpoint_hint(cohen_cifar_file, tmp_path):
@@ -677,15 +677,15 @@ def test_foreign_checkpoint_hint(cohen_cifar_file, tmp_path):
         "m.pt", {"w": torch.zeros(1)}
     )
     import_checkpoint(src, tmp_path / "out.pt", source="cohen")
-    assert foreign_checkpoint_hint("out.pt", models.load_checkpoint(tmp_path / "out.pt")) is None
+    assert foreign_checkpoint_hint("out.pt", checkpoints.load_checkpoint(tmp_path / "out.pt")) is None
     assert foreign_checkpoint_hint("x.pt", [1, 2]) is None
     assert foreign_checkpoint_hint("x.pt", {"step": 3}) is None
 
 
 def test_load_on_a_released_file_says_to_import(cohen_cifar_file):
     src, _ = cohen_cifar_file
-    with pytest.raises(models.CheckpointError, match="rslib import-checkpoint"):
-        models.load(src)
+    with pytest.raises(checkpoints.CheckpointError, match="rslib import-checkpoint"):
+        checkpoints.load(src)
 
 
 def test_command_line_import(cohen_cifar_file, tmp_path, capsys):
@@ -694,6 +694,6 @@ def test_command_line_import(cohen_cifar_file, tmp_path, capsys):
     src, _ = cohen_cifar_file
     out = tmp_path / "imported.pt"
     assert cli.main(["import-checkpoint", str(src), str(out), "--source", "cohen"]) == cli.EXIT_OK
-    assert "wrote" in capsys.readouterr().out and models.load(out).arch.startswith("cifar_resnet")
+    assert "wrote" in capsys.readouterr().out and checkpoints.load(out).arch.startswith("cifar_resnet")
     assert cli.main(["import-checkpoint", str(src), str(tmp_path / "x.pt")]) == cli.EXIT_INVALID
     assert "--source" in capsys.readouterr().err

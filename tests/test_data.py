@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from rslib.data import (
-    CIFAR10_CLASSES,
-    DATASET_SHAPES,
+from rslib.nn.data import (
     DATASETS,
     DatasetCorruptError,
     DatasetNotFoundError,
@@ -21,6 +19,7 @@ from rslib.data import (
     make_loader,
     subset,
 )
+from rslib.nn.data.cifar10 import CIFAR10_CLASSES
 
 CIFAR_PER_BATCH = 6  # images per tiny batch: 5 train batches -> 30 train images, 6 test images
 
@@ -60,13 +59,13 @@ def _expected_images(batch: dict) -> torch.Tensor:
 
 
 def test_registry_and_shapes() -> None:
-    assert set(DATASETS) == set(DATASET_SHAPES) == {"digits", "mnist", "cifar10", "imagenet"}
+    assert set(DATASETS) == {"digits", "mnist", "cifar10", "imagenet"}
     assert dataset_info("digits") == ((1, 8, 8), 10)
     assert dataset_info("mnist") == ((1, 28, 28), 10)
     assert dataset_info("cifar10") == ((3, 32, 32), 10)
     assert dataset_info("imagenet") == ((3, 224, 224), 1000)
     for name, spec in DATASETS.items():
-        assert (spec.shape, spec.num_classes) == DATASET_SHAPES[name] == dataset_info(name)
+        assert (spec.shape, spec.num_classes) == (DATASETS[name].shape, DATASETS[name].num_classes) == dataset_info(name)
     with pytest.raises(ValueError, match="unknown dataset"):
         dataset_info("svhn")
     with pytest.raises(ValueError, match="unknown dataset"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rslib.data import load_digits
+from rslib.nn.data.digits import load_digits
 
 TOTAL = 1797  # images in scikit-learn's digits
 

@@ -1,4 +1,4 @@
-"""Tests for rslib.heat: the HeatSmoothing step objective (CPU, seeded, a few seconds in all)."""
+"""Tests for rslib.nn.heat: the HeatSmoothing step objective (CPU, seeded, a few seconds in all)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 from helpers import top_logit_gradient_norms
 from torch import nn
 
-from rslib.certify import soft_average
-from rslib.heat import (
+from rslib.core.certify import soft_average
+from rslib.core.noises import make_noise
+from rslib.nn.heat import (
     HeatConfig,
     finite_difference_draws,
     frozen_copy,
@@ -21,7 +22,6 @@ from rslib.heat import (
     next_student,
     teacher_outputs,
 )
-from rslib.noises import make_noise
 
 
 def _gen(seed: int) -> torch.Generator:

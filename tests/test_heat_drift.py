@@ -11,9 +11,16 @@ import torch
 import yaml
 from torch import nn
 
-from rslib import heat_drift, layout, models
-from rslib.heat import HeatConfig, frozen_copy, heat_step_loss, next_student, teacher_outputs
-from rslib.heat_drift import distance_column, drift_table, gaussian_averages, verdict, with_sigma
+from rslib.nn import architectures, checkpoints
+from rslib.nn.heat import HeatConfig, frozen_copy, heat_step_loss, next_student, teacher_outputs
+from rslib.pipeline import heat_drift, layout
+from rslib.pipeline.heat_drift import (
+    distance_column,
+    drift_table,
+    gaussian_averages,
+    verdict,
+    with_sigma,
+)
 
 SIGMA = 0.3
 WIDTHS = [0.2, 0.3, 0.4, 0.6, 0.8]
@@ -34,7 +41,7 @@ def _student() -> nn.Module:
 
 def _heat_steps(gamma: float, steps: int = 3, iterations: int = 500) -> list[nn.Module]:
     """Heat steps with softmax fidelity, trained on inputs spread densely over [-2, 2]^2 (so the
-    continuum argument of ``rslib.heat`` applies: gamma = 1/2 is one backward-Euler step over h sigma^2)."""
+    continuum argument of ``rslib.nn.heat`` applies: gamma = 1/2 is one backward-Euler step over h sigma^2)."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(1)
     inputs = torch.rand(4096, 2, generator=generator) * 4 - 2
@@ -131,11 +138,11 @@ def _heat_folder(tmp_path, steps: int = 2):
     """A digits heat experiment folder with a base and ``steps`` step checkpoints (random weights)."""
     base_dir, exp_dir = tmp_path / "base", tmp_path / "heat"
     torch.manual_seed(0)
-    base_path = models.save_checkpoint(layout.checkpoints_dir(base_dir) / layout.FINAL_CHECKPOINT,
-                                       models.build_model("small_cnn", "digits"), arch="small_cnn",
+    base_path = checkpoints.save_checkpoint(layout.checkpoints_dir(base_dir) / layout.FINAL_CHECKPOINT,
+                                       architectures.build_model("small_cnn", "digits"), arch="small_cnn",
                                        dataset="digits", num_classes=10)
     for k in range(1, steps + 1):
-        models.save_checkpoint(layout.heat_step_checkpoint(exp_dir, k), models.build_model("small_cnn", "digits"),
+        checkpoints.save_checkpoint(layout.heat_step_checkpoint(exp_dir, k), architectures.build_model("small_cnn", "digits"),
                                arch="small_cnn", dataset="digits", num_classes=10)
     raw = {"experiment": "heat", "stages": ["train"], "data": {"dataset": "digits"}, "model": {"arch": "small_cnn"},
            "noise": {"sigma": 0.25},

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from rslib.certify import smoothed
-from rslib.lbound import COLUMNS, deterministic_certify
-from rslib.lbound import test_statistics as statistics
-from rslib.noises import make_noise
+from rslib.core.certify import smoothed
+from rslib.core.lbound import COLUMNS, deterministic_certify
+from rslib.core.lbound import test_statistics as statistics
+from rslib.core.noises import make_noise
 
 PROBS = torch.tensor([
     [0.50, 0.30, 0.10, 0.06, 0.04],

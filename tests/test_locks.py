@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rslib.locks import (
+from rslib.pipeline.locks import (
     LOCK_NAME,
     FolderLock,
     LockHeld,
@@ -28,7 +28,7 @@ from rslib.locks import (
 
 HOLD = """
 import sys
-from rslib.locks import FolderLock
+from rslib.pipeline.locks import FolderLock
 lock = FolderLock(sys.argv[1]).acquire()
 print("ready", flush=True)
 sys.stdin.readline()
@@ -37,7 +37,7 @@ lock.release()
 
 TRY = """
 import sys
-from rslib.locks import FolderLock, LockHeld
+from rslib.pipeline.locks import FolderLock, LockHeld
 try:
     FolderLock(sys.argv[1]).acquire()
 except LockHeld as err:
@@ -47,7 +47,7 @@ except LockHeld as err:
 
 RACE = """
 import os, sys, time
-from rslib.locks import FolderLock, LockHeld
+from rslib.pipeline.locks import FolderLock, LockHeld
 lock = FolderLock(sys.argv[1], notify=lambda message: None)
 print("ready", flush=True)
 while not os.path.exists(sys.argv[2]):
@@ -64,7 +64,7 @@ lock.release()
 
 TERMINATED = """
 import sys, time
-from rslib.locks import FolderLock, sigterm_as_interrupt
+from rslib.pipeline.locks import FolderLock, sigterm_as_interrupt
 try:
     with sigterm_as_interrupt(), FolderLock(sys.argv[1]):
         print("ready", flush=True)

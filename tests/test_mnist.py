@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from rslib import models
-from rslib.data import (
+from rslib.nn import architectures, checkpoints
+from rslib.nn.data import (
     DATA_DIR_ENV,
-    MNIST_RAW_FILES,
     DatasetNotFoundError,
     default_data_dir,
     load_dataset,
     make_loader,
     subset,
 )
+from rslib.nn.data.mnist import MNIST_RAW_FILES
 
 SHARED_RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "MNIST" / "raw"
 GZ_FILES = [f"{name}.gz" for split in ("train", "test") for name in MNIST_RAW_FILES[split]]
@@ -164,40 +164,40 @@ def test_replaced_files_are_decoded_again(tmp_path: Path) -> None:
 
 
 def test_lenet_caffe_shape_and_parameters() -> None:
-    model = models.build_model("lenet_caffe", "mnist")
-    assert models.count_parameters(model) == LENET_CAFFE_PARAMETERS == 431_080
+    model = architectures.build_model("lenet_caffe", "mnist")
+    assert architectures.count_parameters(model) == LENET_CAFFE_PARAMETERS == 431_080
     assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
-    assert models.build_model("lenet_caffe", "mnist", num_classes=4)(torch.rand(2, 1, 28, 28)).shape == (2, 4)
+    assert architectures.build_model("lenet_caffe", "mnist", num_classes=4)(torch.rand(2, 1, 28, 28)).shape == (2, 4)
 
 
 def test_lenet_caffe_identity_normalization() -> None:
-    model = models.build_model("lenet_caffe", "mnist").eval()
+    model = architectures.build_model("lenet_caffe", "mnist").eval()
     assert model.normalize.mean.flatten().tolist() == [0.0]
     assert model.normalize.std.flatten().tolist() == [1.0]
     x = torch.rand(2, 1, 28, 28)
     torch.testing.assert_close(model(x), model.net(x), rtol=0, atol=0)  # raw [0, 1] pixels
-    lenet = models.build_model("lenet", "mnist")  # other architectures keep the dataset's constants
+    lenet = architectures.build_model("lenet", "mnist")  # other architectures keep the dataset's constants
     assert lenet.normalize.std.flatten().tolist() == pytest.approx([0.3081])
 
 
 def test_lenet_caffe_is_mnist_only() -> None:
     with pytest.raises(ValueError, match="does not support dataset 'digits'.*mnist"):
-        models.build_model("lenet_caffe", "digits")
+        architectures.build_model("lenet_caffe", "digits")
 
 
 def test_lenet_caffe_checkpoint_round_trip(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = models.build_model("lenet_caffe", "mnist").eval()
-    path = models.save_checkpoint(tmp_path / "model.pt", model, arch="lenet_caffe", dataset="mnist",
+    model = architectures.build_model("lenet_caffe", "mnist").eval()
+    path = checkpoints.save_checkpoint(tmp_path / "model.pt", model, arch="lenet_caffe", dataset="mnist",
                                   num_classes=10)
-    loaded = models.load(path)
+    loaded = checkpoints.load(path)
     x = torch.rand(4, 1, 28, 28)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     assert loaded.arch == "lenet_caffe" and loaded.normalize.std.flatten().tolist() == [1.0]
 
 
 def test_lenet_caffe_is_a_valid_model_arch() -> None:
-    from rslib import params
+    from rslib.pipeline import params
 
     exp = params.validate({"experiment": "e", "stages": ["train"], "data": {"dataset": "mnist"},
                            "model": {"arch": "lenet_caffe"}})

@@ -10,18 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from rslib import models
-from rslib.data import DATASET_SHAPES, DATASETS
-from rslib.models import (
-    CheckpointError,
-    Normalize,
-    build_model,
-    count_parameters,
-    load,
-    load_checkpoint,
-    save_checkpoint,
-    strip_state_dict_prefixes,
-)
+from rslib.nn import architectures, checkpoints
+from rslib.nn.architectures import Normalize, build_model, count_parameters
+from rslib.nn.checkpoints import CheckpointError, load, load_checkpoint, save_checkpoint
+from rslib.nn.data import DATASETS
+from rslib.nn.releases import strip_state_dict_prefixes
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +23,7 @@ def _seed():
 
 
 def _pixels(batch: int, dataset: str, size: int | None = None) -> torch.Tensor:
-    (c, h, w), _ = DATASET_SHAPES[dataset]
+    c, h, w = DATASETS[dataset].shape
     if size is not None:
         h = w = size
     return torch.rand(batch, c, h, w)
@@ -60,7 +53,7 @@ def test_logits_shape_and_finite(arch, dataset):
     x = _pixels(2, dataset)
     with torch.no_grad():
         y = model(x)
-    assert y.shape == (2, DATASET_SHAPES[dataset][1])
+    assert y.shape == (2, DATASETS[dataset].num_classes)
     assert torch.isfinite(y).all()
 
 
@@ -189,7 +182,7 @@ def test_parameter_counts_match_closed_forms_and_literature(resnet50_imagenet):
     # ResNet-32 is He et al.'s version with parameter-free shortcuts and no conv biases.
     heat = build_model("heat_resnet", "cifar10")
     assert count_parameters(heat) == _heat_params() == 488_714
-    assert [sum(isinstance(m, models._HeatBlock) for m in s) for s in heat.net.stages] == [5, 5, 5]
+    assert [sum(isinstance(m, architectures._HeatBlock) for m in s) for s in heat.net.stages] == [5, 5, 5]
 
     assert (
         count_parameters(resnet50_imagenet) == 25_557_032
@@ -199,7 +192,7 @@ def test_parameter_counts_match_closed_forms_and_literature(resnet50_imagenet):
 # ---------------------------------------------------------------- normalization inside the model
 
 
-@pytest.mark.parametrize("dataset", list(DATASET_SHAPES))
+@pytest.mark.parametrize("dataset", DATASETS.names())
 def test_normalization_is_inside(dataset, resnet50_imagenet):
     if dataset == "imagenet":
         model = resnet50_imagenet
@@ -291,7 +284,7 @@ def test_checkpoint_round_trip_identical_outputs(tmp_path):
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    assert raw["format_version"] == models.CHECKPOINT_FORMAT_VERSION
+    assert raw["format_version"] == checkpoints.CHECKPOINT_FORMAT_VERSION
     assert (raw["arch"], raw["dataset"], raw["num_classes"], raw["epoch"]) == (
         "small_cnn",
         "digits",

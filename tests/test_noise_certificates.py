@@ -14,10 +14,10 @@ import pytest
 import torch
 from scipy import integrate, special, stats
 
-from rslib.noises import NOISES, make_noise
-from rslib.noises.differential import differential_table, integrate_radius
-from rslib.noises.distributions import gamma_radial_phi
-from rslib.noises.levelset import levelset_table
+from rslib.core.noises import NOISES, make_noise
+from rslib.core.noises.differential import differential_table, integrate_radius
+from rslib.core.noises.distributions import gamma_radial_phi
+from rslib.core.noises.levelset import levelset_table
 
 RHO = np.array([0.5, 0.5005, 0.51, 0.6, 0.75, 0.9, 0.99, 0.999, 0.99999])
 INSIDE = RHO[1:]

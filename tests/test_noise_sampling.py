@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy import stats
 
-from rslib.noises import make_noise
+from rslib.core.noises import make_noise
 
 FINITE_FOURTH_MOMENT = [
     ("Gaussian", {}), ("Laplace", {}), ("Uniform", {}), ("Pareto", {"a": 10}), ("UniformBall", {}),

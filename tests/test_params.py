@@ -10,15 +10,15 @@ from typing import Any, Literal
 import pytest
 import yaml
 
-from rslib import params
-from rslib.params import ParamsError, load, param, parse_override
+from rslib.pipeline import params
+from rslib.pipeline.params import ParamsError, load, param, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_NOISES = {"l1_noises": [], "l2_noises": [], "linf_noises": []}
 
 
 def base() -> dict[str, Any]:
-    """A valid experiment that needs no rslib.noises (empty noise lists)."""
+    """A valid experiment that needs no rslib.core.noises (empty noise lists)."""
     return {
         "experiment": "unit",
         "stages": ["tutorial_noise_radii"],
@@ -203,11 +203,11 @@ def test_new_sections_and_stages_plug_in(tmp_path: Path, monkeypatch: pytest.Mon
             load(write(tmp_path, raw), **{f"extra.{key}": value})
 
 
-# ----------------------------------------------------------------- noise specs (need rslib.noises)
+# ----------------------------------------------------------------- noise specs (need rslib.core.noises)
 
 
 def test_repo_tutorial_file_spells_out_the_defaults() -> None:
-    pytest.importorskip("rslib.noises")
+    pytest.importorskip("rslib.core.noises")
     exp = load(ROOT / "params" / "tutorial.yaml")
     assert exp.experiment == "tutorial"
     assert exp.stages == ["tutorial_noise_radii"]
@@ -215,7 +215,7 @@ def test_repo_tutorial_file_spells_out_the_defaults() -> None:
 
 
 def test_missing_tutorial_section_gets_defaults(tmp_path: Path) -> None:
-    pytest.importorskip("rslib.noises")
+    pytest.importorskip("rslib.core.noises")
     exp = load(write(tmp_path, {"experiment": "t", "stages": ["tutorial_noise_radii"]}))
     assert exp.tutorial == params.TutorialParams()
     assert exp.to_dict()["tutorial"]["l2_noises"][0] == {"name": "Gaussian"}
@@ -232,7 +232,7 @@ def test_missing_tutorial_section_gets_defaults(tmp_path: Path) -> None:
     ],
 )
 def test_bad_noise_specs(tmp_path: Path, spec: dict[str, Any], expected: str) -> None:
-    pytest.importorskip("rslib.noises")
+    pytest.importorskip("rslib.core.noises")
     raw = base()
     raw["tutorial"]["l1_noises"] = [spec]
     with pytest.raises(ParamsError, match=re.escape(expected)):
@@ -240,14 +240,14 @@ def test_bad_noise_specs(tmp_path: Path, spec: dict[str, Any], expected: str) ->
 
 
 def test_good_noise_specs(tmp_path: Path) -> None:
-    pytest.importorskip("rslib.noises")
+    pytest.importorskip("rslib.core.noises")
     raw = base()
     raw["tutorial"]["linf_noises"] = [{"name": "ExpInf", "k": 10, "j": 0}, {"name": "Uniform"}]
     assert len(load(write(tmp_path, raw)).tutorial.linf_noises) == 2
 
 
 def test_relative_paths_become_absolute_for_the_notebooks(tmp_path: Path) -> None:
-    from rslib.params import with_absolute_paths
+    from rslib.pipeline.params import with_absolute_paths
 
     raw = {"experiment": "e", "stages": ["train", "certify"], "data": {"data_dir": "data/cifar10"},
            "train": {"mode": "heat", "heat_base": "runs/base.pt"}, "certify": {"checkpoint": "sibling"}}
@@ -259,8 +259,8 @@ def test_relative_paths_become_absolute_for_the_notebooks(tmp_path: Path) -> Non
 
 
 def test_checkpoint_files_and_heat_bases_are_tracked_by_content(tmp_path: Path, monkeypatch) -> None:
-    from rslib.params import checkpoint_files_stamp
-    from rslib.train import train_digest
+    from rslib.pipeline.params import checkpoint_files_stamp
+    from rslib.pipeline.train import train_digest
 
     monkeypatch.chdir(tmp_path)
     base = tmp_path / "base.pt"
@@ -306,6 +306,6 @@ def test_speed_settings_never_make_finished_work_stale() -> None:
 
 
 def load_raw(raw: dict[str, Any]):
-    from rslib.params import validate
+    from rslib.pipeline.params import validate
 
     return validate(raw)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rslib import cli, study
+from rslib import cli
+from rslib.pipeline import study
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
 FILES = sorted(PARAMS.rglob("*.yaml"))

@@ -1,4 +1,4 @@
-"""Study-level analysis (rslib.results) on a synthetic study folder with hand-computed answers, and
+"""Study-level analysis (rslib.report.results) on a synthetic study folder with hand-computed answers, and
 the cert_plots / adv_plots notebooks run through papermill on it."""
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from rslib import attack_stage, certify_stage, layout, metrics, plots, results  # noqa: E402
-from rslib.lbound import COLUMNS as LBOUND_STAT_COLUMNS  # noqa: E402
-from rslib.lbound import LBOUND_COLUMNS  # noqa: E402
-from rslib.params import ParamsError  # noqa: E402
-from rslib.study import ReportGroup, Study, load_written  # noqa: E402
+from rslib.core import metrics  # noqa: E402
+from rslib.core.lbound import COLUMNS as LBOUND_STAT_COLUMNS  # noqa: E402
+from rslib.core.lbound import LBOUND_COLUMNS  # noqa: E402
+from rslib.pipeline import attack_stage, certify_stage, layout
+from rslib.pipeline.params import ParamsError  # noqa: E402
+from rslib.pipeline.study import ReportGroup, Study, load_written  # noqa: E402
+from rslib.report import plots, results
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 INF = math.inf
@@ -395,7 +397,7 @@ def test_plots_and_table_files(study, tmp_path):
 def _execute(notebook: str, study_dir: Path, tmp_path: Path, monkeypatch) -> str:
     import papermill
 
-    from rslib.runner import kernel_for_current_python
+    from rslib.pipeline.runner import kernel_for_current_python
 
     kernel, jupyter_dir = kernel_for_current_python(tmp_path)
     if jupyter_dir is not None:
@@ -474,8 +476,8 @@ def test_published_reference_rows_comparison_and_overlay(study, tmp_path):
 
 
 def test_study_reference_is_checked_when_the_study_loads(tmp_path):
-    from rslib import study as study_mod
-    from rslib.params import ParamsError
+    from rslib.pipeline import study as study_mod
+    from rslib.pipeline.params import ParamsError
 
     raw = {"study": "ref", "defaults": {"stages": ["train", "certify"]},
            "experiments": [{"name": "a"}, {"name": "b", "label": "Model B"}],

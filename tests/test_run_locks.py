@@ -20,9 +20,10 @@ import pytest
 import yaml
 from helpers import toy_stage_notebooks
 
-from rslib import cli, locks
-from rslib.locks import LOCK_NAME
-from rslib.status import experiment_status
+from rslib import cli
+from rslib.pipeline import locks
+from rslib.pipeline.locks import LOCK_NAME
+from rslib.pipeline.status import experiment_status
 
 TOY = """\
 import os, pathlib, time

@@ -14,11 +14,12 @@ import nbformat
 import pytest
 import yaml
 
-from rslib import cli, params
-from rslib import runner as run_mod
-from rslib.io import atomic_write_json, atomic_writer
-from rslib.runner import kernel_for_current_python
-from rslib.runner import run_file as run
+from rslib import cli
+from rslib.pipeline import params
+from rslib.pipeline import runner as run_mod
+from rslib.pipeline.runner import kernel_for_current_python
+from rslib.pipeline.runner import run_file as run
+from rslib.util.files import atomic_write_json, atomic_writer
 
 TOY_CELL = """\
 import json, os, pathlib, sys

@@ -1,4 +1,4 @@
-"""Tests of the pure-torch samplers in ``rslib.noises.sampling``.
+"""Tests of the pure-torch samplers in ``rslib.core.noises.sampling``.
 
 Statistical tests run at fixed seeds, so every outcome is deterministic: a KS or chi-square p-value
 computed from a seeded ``torch.Generator`` is the same number on every run (the CPU generator is a
@@ -17,7 +17,7 @@ import pytest
 import torch
 from scipy import stats
 
-from rslib.noises import sampling as S
+from rslib.core.noises import sampling as S
 
 P_MIN = 1e-3  # KS / chi-square acceptance threshold (see the module docstring)
 Z_MAX = 5.0  # moment checks: |estimate - truth| < 5 standard errors

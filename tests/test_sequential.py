@@ -18,7 +18,7 @@ from helpers import Linear2
 from scipy import stats
 from torch import nn
 
-from rslib.certify import (
+from rslib.core.certify import (
     COLUMNS,
     SELECTION_COLUMNS,
     SEQUENTIAL_COLUMNS,
@@ -31,9 +31,9 @@ from rslib.certify import (
     sequential_counts,
     stopping_rule,
 )
-from rslib.metrics import certified_accuracy
-from rslib.noises import make_noise
-from rslib.stats import clopper_pearson_lower, clopper_pearson_upper
+from rslib.core.metrics import certified_accuracy
+from rslib.core.noises import make_noise
+from rslib.core.stats import clopper_pearson_lower, clopper_pearson_upper
 
 RADII = {"l2": [0.0, 0.25, 0.5, 0.75, 1.0]}
 TIMING = ["seconds_predict", "seconds_certify"]

@@ -1,4 +1,4 @@
-"""Tests for rslib.stats: Clopper-Pearson bounds and the abstention test (CPU, deterministic, fast)."""
+"""Tests for rslib.core.stats: Clopper-Pearson bounds and the abstention test (CPU, deterministic, fast)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 from statsmodels.stats.proportion import proportion_confint
 
-from rslib.stats import (
+from rslib.core.stats import (
     binomial_abstain_pvalue,
     clopper_pearson_lower,
     clopper_pearson_upper,

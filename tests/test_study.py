@@ -18,8 +18,9 @@ import pytest
 import yaml
 from helpers import toy_stage_notebooks
 
-from rslib import cli, study
-from rslib.params import ParamsError
+from rslib import cli
+from rslib.pipeline import study
+from rslib.pipeline.params import ParamsError
 
 #: A stage notebook that fails when the experiment's train.epochs is 13, else records that it ran.
 TOY = """\

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from rslib import cli
-from rslib.metrics import certified_accuracy
+from rslib.core.metrics import certified_accuracy
 
 STUDY = {
     "study": "mini",

@@ -8,8 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-from rslib.noises import make_noise
-from rslib.noises import tables as T
+from rslib.core.noises import make_noise
+from rslib.core.noises import tables as T
 
 
 @pytest.fixture(autouse=True)

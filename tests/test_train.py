@@ -7,11 +7,12 @@ import torch
 import torch.multiprocessing as mp
 from helpers import free_port, set_rank_env, top_logit_gradient_norms
 
-from rslib import models, train
-from rslib.certify import soft_average
-from rslib.data import load_dataset
-from rslib.noises import make_noise
-from rslib.params import ParamsError, validate
+from rslib.core.certify import soft_average
+from rslib.core.noises import make_noise
+from rslib.nn import checkpoints
+from rslib.nn.data import load_dataset
+from rslib.pipeline import train
+from rslib.pipeline.params import ParamsError, validate
 
 BASE = {
     "experiment": "digits_test",
@@ -42,7 +43,7 @@ def quiet(*_):
 def test_standard_training_reaches_90_percent(tmp_path):
     exp = experiment(train={"epochs": 15, "lr": 0.1})
     path = train.fit(exp, tmp_path / "std", progress=False, log=quiet)
-    model = models.load(path)
+    model = checkpoints.load(path)
     test = load_dataset("digits", "test")
     loader = torch.utils.data.DataLoader(test, batch_size=512)
     accuracy = train.evaluate(model, loader, torch.device("cpu"))
@@ -56,7 +57,7 @@ def test_every_noise_mode_trains(tmp_path, mode):
     exp = experiment(train={"mode": mode, "epochs": 2, "max_batches": 3, "noise_draws": 2,
                             "adv_steps": 2, "adv_warmup_epochs": 1})
     path = train.fit(exp, tmp_path / mode, progress=False, log=quiet)
-    checkpoint = models.load_checkpoint(path)
+    checkpoint = checkpoints.load_checkpoint(path)
     rows = checkpoint["extra"]["metrics"]
     assert len(rows) == 2 and all(0 <= row["test_noisy_acc"] <= 1 for row in rows)
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
@@ -71,7 +72,7 @@ def test_noise_mode_accepts_any_rslib_noise(tmp_path, noise):
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     exp = experiment(train={"mode": "noise", "epochs": 3, "max_batches": 4})
-    reference = models.load_checkpoint(train.fit(exp, tmp_path / "full", progress=False, log=quiet))
+    reference = checkpoints.load_checkpoint(train.fit(exp, tmp_path / "full", progress=False, log=quiet))
     real_epoch = train._train_epoch
     calls = {"n": 0}
 
@@ -84,9 +85,9 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "_train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train.fit(exp, tmp_path / "cut", progress=False, log=quiet)
-    assert models.load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["epoch"] == 1
+    assert checkpoints.load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["epoch"] == 1
     monkeypatch.setattr(train, "_train_epoch", real_epoch)
-    resumed = models.load_checkpoint(train.fit(exp, tmp_path / "cut", progress=False, log=quiet))
+    resumed = checkpoints.load_checkpoint(train.fit(exp, tmp_path / "cut", progress=False, log=quiet))
     for key, value in reference["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=1e-6)
     assert [r["epoch"] for r in resumed["extra"]["metrics"]] == [0, 1, 2]
@@ -117,7 +118,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, mo
     monkeypatch.setattr(train, "_train_epoch", poisoned)
     with pytest.raises(train.TrainingDiverged, match="last good checkpoint"):
         train.fit(exp, tmp_path / "nan", progress=False, log=quiet)
-    last = models.load_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")
+    last = checkpoints.load_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")
     assert last["epoch"] == 0
     assert not (tmp_path / "nan" / "checkpoints" / "model.pt").exists()
 
@@ -159,10 +160,10 @@ def test_ddp_on_gloo_matches_single_process(tmp_path):
     # the same update as one process on the full batch; only float summation order differs.
     raw = {**BASE, "model": {"arch": "lenet"}, "train": {"mode": "standard", "epochs": 2, "max_batches": 4,
                                                           "lr": 0.05}}
-    single = models.load_checkpoint(train.fit(validate(raw), tmp_path / "single", progress=False, log=quiet))
+    single = checkpoints.load_checkpoint(train.fit(validate(raw), tmp_path / "single", progress=False, log=quiet))
     mp.start_processes(_ddp_worker, args=(2, free_port(), raw, str(tmp_path / "ddp")), nprocs=2,
                        start_method="spawn")
-    ddp = models.load_checkpoint(tmp_path / "ddp" / "checkpoints" / "model.pt")
+    ddp = checkpoints.load_checkpoint(tmp_path / "ddp" / "checkpoints" / "model.pt")
     for key, value in single["state_dict"].items():
         torch.testing.assert_close(ddp["state_dict"][key], value, rtol=1e-4, atol=1e-5)
 
@@ -187,9 +188,9 @@ def test_heat_smoothing_moves_towards_the_gaussian_average(tmp_path):
                           noise={"name": "Gaussian", "sigma": sigma})
     heat_path = train.fit(heat_exp, tmp_path / "heat", progress=False, log=quiet)
     assert all((tmp_path / "heat" / "checkpoints" / f"heat_step_{t}.pt").exists() for t in (1, 2))
-    rows = models.load_checkpoint(heat_path)["extra"]["metrics"]
+    rows = checkpoints.load_checkpoint(heat_path)["extra"]["metrics"]
     assert [row["phase"] for row in rows] == [0] * 10 + [1] * 10
-    base, smoothed = models.load(base_path), models.load(heat_path)
+    base, smoothed = checkpoints.load(base_path), checkpoints.load(heat_path)
     x = torch.stack([load_dataset("digits", "test")[i][0] for i in range(300)])
     target = soft_average(base, x, make_noise("Gaussian", 64, sigma=sigma), 512, batch_size=8192,
                           generator=torch.Generator().manual_seed(0))

@@ -2,7 +2,7 @@
 
 The objectives draw their noise from torch's global generator; every test re-seeds it and draws the
 same noise again to build the expected value from the formula of the paper (explicit loops, no code
-shared with ``rslib.train_modes``). Tolerance 1e-10: float64 throughout, only rounding differs.
+shared with ``rslib.nn.objectives``). Tolerance 1e-10: float64 throughout, only rounding differs.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from rslib.noises import make_noise
-from rslib.train_modes import DirectLikelihood, NoiseAugmentation, SmoothAdv, Stability, Standard
+from rslib.core.noises import make_noise
+from rslib.nn.objectives import DirectLikelihood, NoiseAugmentation, SmoothAdv, Stability, Standard
 
 TOL = 1e-10
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rslib.runner import run_file as run
+from rslib.pipeline.runner import run_file as run
 
 PARAMS = Path(__file__).resolve().parents[1] / "params" / "demo" / "train.yaml"
 TINY = {"train.epochs": 1, "train.max_batches": 2, "train.noise_draws": 2}

@@ -15,9 +15,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from rslib import params, plots  # noqa: E402
-from rslib.noises import make_noise  # noqa: E402
-from rslib.noises.curves import (  # noqa: E402
+from rslib.core.noises import make_noise  # noqa: E402
+from rslib.core.noises.curves import (  # noqa: E402
     COLUMNS,
     certificate_sources,
     radii_at,
@@ -25,7 +24,9 @@ from rslib.noises.curves import (  # noqa: E402
     spec_label,
     winners,
 )
-from rslib.runner import run_file as run  # noqa: E402
+from rslib.pipeline import params  # noqa: E402
+from rslib.pipeline.runner import run_file as run  # noqa: E402
+from rslib.report import plots
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("noise_samples", "radius_l1", "radius_l2", "radius_linf")
