@@ -34,7 +34,7 @@ from rslib.core.metrics import certified_accuracy
 from rslib.core.noises import make_noise, norm_label, parse_norm
 from rslib.nn import checkpoints
 from rslib.nn.data import batch_of, load_dataset, subset
-from rslib.pipeline.certify_stage import read_table
+from rslib.pipeline.stages.certify import read_table
 from rslib.util.files import atomic_write_json
 from rslib.util.provenance import provenance
 

@@ -1,6 +1,6 @@
 """Cost of one training epoch per mode, relative to standard training, on the same data and model.
 
-Runs ``rslib.pipeline.train.fit`` for a few epochs of each mode on the embedded digits (or CIFAR-shaped data
+Runs ``rslib.pipeline.stages.train.fit`` for a few epochs of each mode on the embedded digits (or CIFAR-shaped data
 with --dataset cifar10 --data-dir ...) and compares the median per-epoch seconds of the training
 loop (evaluation excluded). Targets: noise augmentation < 1.15 x standard. Results go to
 ``benchmarks/results/train_epoch_<dataset>.json``.
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from rslib.pipeline import train
 from rslib.pipeline.params import validate
+from rslib.pipeline.stages import train
 from rslib.util.files import atomic_write_json
 from rslib.util.provenance import provenance
 

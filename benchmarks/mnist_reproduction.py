@@ -31,7 +31,7 @@ from rslib.core.certify import recertify
 from rslib.core.metrics import average_certified_radius, certified_accuracy
 from rslib.core.noises import make_noise
 from rslib.pipeline import layout
-from rslib.pipeline.certify_stage import read_table
+from rslib.pipeline.stages.certify import read_table
 from rslib.util.files import atomic_write_json
 from rslib.util.provenance import provenance
 

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from rslib.nn import checkpoints
-from rslib.pipeline import train
 from rslib.pipeline.params import validate
+from rslib.pipeline.stages import train
 from rslib.util.files import atomic_write_json
 from rslib.util.provenance import provenance
 

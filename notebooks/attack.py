@@ -52,9 +52,10 @@ from IPython.display import display
 
 import rslib.pipeline.params
 from rslib.core import metrics
-from rslib.pipeline import attack_stage, layout
+from rslib.pipeline import layout
+from rslib.pipeline.stages import attack as attack_stage
 from rslib.report import plots
-from rslib.util.files import atomic_write_text
+from rslib.util.tables import write_csv
 
 experiment = rslib.pipeline.params.load(params_file)
 output_dir = Path(output_dir)
@@ -98,7 +99,7 @@ display(metrics.attack_summary(tables, norms=["l0", "l1", "l2", "linf"]).T.round
 
 # %%
 cdf = pd.concat([metrics.distance_cdf(tables, norm) for norm in norms], ignore_index=True)
-atomic_write_text(layout.results_dir(output_dir) / layout.ATTACK_CDF, cdf.to_csv(index=False))
+write_csv(layout.results_dir(output_dir) / layout.ATTACK_CDF, cdf)
 figure = plots.plot_attack_cdf(cdf, title=f"{experiment.experiment}: {spec.target} target, "
                                           f"{meta['selection']['images']} test images")
 written = plots.save_figure(figure, output_dir / layout.FIGURES / layout.ATTACK_FIGURE)

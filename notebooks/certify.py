@@ -47,9 +47,10 @@ from IPython.display import display
 
 import rslib.pipeline.params
 from rslib.core import metrics
-from rslib.pipeline import certify_stage, layout
+from rslib.pipeline import layout
+from rslib.pipeline.stages import certify as certify_stage
 from rslib.report import plots
-from rslib.util.files import atomic_write_text
+from rslib.util.tables import write_csv
 
 experiment = rslib.pipeline.params.load(params_file)
 output_dir = Path(output_dir)
@@ -90,7 +91,7 @@ curves = metrics.accuracy_curves(table)
 if lbound is not None:
     curves = pd.concat([curves, metrics.accuracy_curves(metrics.lbound_as_table(lbound), ["l2"],
                                                             metrics.LBOUND_METHOD)], ignore_index=True)
-atomic_write_text(layout.results_dir(output_dir) / layout.CERTIFY_CURVES, curves.to_csv(index=False))
+write_csv(layout.results_dir(output_dir) / layout.CERTIFY_CURVES, curves)
 figure = plots.plot_certified_accuracy(
     curves, title=f"{experiment.experiment}: {meta['noise_description']}, n = {spec.n}, alpha = {spec.alpha}")
 written = plots.save_figure(figure, output_dir / "figures" / "certified_accuracy")

@@ -42,7 +42,7 @@ from IPython.display import display
 
 import rslib.pipeline.params
 from rslib.nn import architectures, checkpoints
-from rslib.pipeline import train
+from rslib.pipeline.stages import train
 from rslib.report import plots
 
 experiment = rslib.pipeline.params.load(params_file)

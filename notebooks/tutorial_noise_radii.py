@@ -49,8 +49,9 @@ from rslib.core.noises.curves import (
 from rslib.core.noises.tables import cache_dir
 from rslib.nn.data.digits import load_digits
 from rslib.report import plots
-from rslib.util.files import atomic_write_json, atomic_write_text
+from rslib.util.files import atomic_write_json
 from rslib.util.provenance import provenance
+from rslib.util.tables import write_csv
 
 experiment = rslib.pipeline.params.load(params_file)
 cfg = experiment.tutorial
@@ -159,7 +160,7 @@ for norm in NORM_LABELS:
     )
     written += plots.save_figure(ax.figure, figures_dir / f"radius_{norm}")
 
-atomic_write_text(results_dir / "radius_curves.csv", frame.to_csv(index=False))
+write_csv(results_dir / "radius_curves.csv", frame)
 atomic_write_json(results_dir / "radius_curves.json", {
     "description": "certified radius vs rho per noise and norm (radius_curves.csv)",
     "experiment": experiment.experiment,
@@ -182,7 +183,7 @@ print(f"{len(frame)} radii ({', '.join(f'{n}: {len(c)}' for n, c in curves.items
 RHO_TABLE = [0.6, 0.9, 0.99, 0.999]
 BASELINES = [{"name": "Uniform"}, {"name": "Gaussian"}, {"name": "Laplace"}]
 l1_table = radii_at(radius_curves(BASELINES, cfg.dim, cfg.sigma, RHO_TABLE, "l1"), RHO_TABLE)
-atomic_write_text(results_dir / "l1_radii_at_rho.csv", l1_table.to_csv())
+write_csv(results_dir / "l1_radii_at_rho.csv", l1_table, index=True)
 written.append(results_dir / "l1_radii_at_rho.csv")
 print(f"certified l1 radius, d = {cfg.dim}, sigma = {cfg.sigma:g}")
 print(l1_table.round(4).to_string())

@@ -24,12 +24,11 @@ from rslib.pipeline.runner import (
     resolved_params_text,
     run_file,
 )
+from rslib.pipeline.stage import STAGES
 from rslib.pipeline.status import experiment_status, folder_experiments, format_status
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
-#: ``rslib stage NAME``: module and function of each stage that runs without a notebook.
-_STAGE_FUNCTIONS = {"train": ("rslib.pipeline.train", "fit"), "certify": ("rslib.pipeline.certify_stage", "certify_experiment"),
-                    "attack": ("rslib.pipeline.attack_stage", "attack_experiment")}
+
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
         "stage", help="run one stage of one experiment in this process (under torchrun: on every rank)",
         description="Run the train, certify or attack stage of one experiment directly, without notebooks: "
                     "torchrun --nproc_per_node N -m rslib stage certify EXPERIMENT.yaml")
-    stage.add_argument("stage", choices=sorted(_STAGE_FUNCTIONS), help="the stage to run")
+    stage.add_argument("stage", choices=[name for name, s in STAGES.items() if s.compute is not None],
+                       help="the stage to run")
     stage.add_argument("params", help="experiment YAML file (for a study: rslib resolve STUDY NAME > FILE)")
     stage.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a parameter, as for rslib run")
@@ -259,18 +259,15 @@ def _resolve(path: str, name: str | None, overrides: dict) -> str:
 
 def _run_stage(name: str, path: str, overrides: dict, output_dir: str | None, progress: bool) -> int:
     """``rslib stage NAME PARAMS``: one stage in this process; torch.distributed is torn down afterwards."""
-    import importlib
-
     import torch.distributed
 
     if study.is_study(Path(path)):
         raise params.ParamsError(f"{path} is a study; write one experiment's parameters with "
                                  f"`rslib resolve {path} NAME > NAME.yaml` and pass that file")
     experiment = params.load(path, **overrides)
-    module, function = _STAGE_FUNCTIONS[name]
     folder = layout.stage_output_dir(experiment.experiment, output_dir)
     with lock_for_rank(folder):  # under torchrun, rank 0 holds the experiment for all ranks
-        getattr(importlib.import_module(module), function)(experiment, folder, progress=progress)
+        STAGES[name].compute(experiment, folder, progress=progress)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return EXIT_OK

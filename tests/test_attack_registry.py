@@ -26,8 +26,9 @@ from rslib.core.attacks.base import (
     finalize,
     is_success,
 )
-from rslib.pipeline import attack_stage, train
 from rslib.pipeline.params import ParamsError, validate
+from rslib.pipeline.stages import attack as attack_stage
+from rslib.pipeline.stages import train
 from rslib.util.options import Option
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,7 +61,7 @@ def registered_line():
     spec = register_attack(AttackSpec(
         name="line", stream=90, description="gradient line search (test attack)",
         options=(Option("line_steps", int, 20, ge=1, help="bisection rounds"),),
-        run=lambda model, x, y, options, judge, generator: line_attack(model, x, y, steps=options["line_steps"],
+        attack=lambda model, x, y, options, judge, generator: line_attack(model, x, y, steps=options["line_steps"],
                                                                        judge=judge)))
     yield spec
     ATTACKS.unregister("line")
@@ -109,11 +110,11 @@ def test_a_registered_attack_leaves_other_digests_alone(registered_line):
 
 def test_streams_and_names_are_unique(registered_line):
     with pytest.raises(ValueError, match="stream 90 is taken"):
-        register_attack(AttackSpec("other", 90, "x", (), registered_line.run))
+        register_attack(AttackSpec("other", 90, "x", (), registered_line.attack))
     with pytest.raises(ValueError, match="stream 3 is taken"):  # the L-bound statistics' stream
-        register_attack(AttackSpec("other", 3, "x", (), registered_line.run))
+        register_attack(AttackSpec("other", 3, "x", (), registered_line.attack))
     with pytest.raises(ValueError, match="registered twice"):
-        register_attack(AttackSpec("line", 91, "x", (), registered_line.run))
+        register_attack(AttackSpec("line", 91, "x", (), registered_line.attack))
 
 
 @pytest.mark.parametrize("name", ATTACKS.names())
@@ -130,7 +131,7 @@ def test_every_registered_attack_finds_the_linear_minimal_distance(name):
     y = model(x).argmax(1)
     spec = ATTACKS[name]
     options = {option.key: option.default for option in spec.options}
-    result = spec.run(model, x, y, options, None, torch.Generator().manual_seed(1))
+    result = spec.attack(model, x, y, options, None, torch.Generator().manual_seed(1))
     assert bool(result.success.all())
     ratio = result.l2 / exact
     # never below the true minimum (1e-4: float32 rounding); within 6% + eps_max / 2**search_steps (the

@@ -24,9 +24,10 @@ from helpers import free_port, set_rank_env
 from rslib.core import metrics
 from rslib.core.lbound import COLUMNS as LBOUND_COLUMNS
 from rslib.nn.data import load_dataset, subset
-from rslib.pipeline import attack_stage, train
 from rslib.pipeline.params import ParamsError, load, validate
 from rslib.pipeline.runner import run_file as run
+from rslib.pipeline.stages import attack as attack_stage
+from rslib.pipeline.stages import train
 
 PARAMS = Path(__file__).resolve().parents[1] / "params" / "demo" / "attack.yaml"
 SKIP = 45                     # digits test split: 450 images -> 10 selected
@@ -62,7 +63,7 @@ def _experiment(name: str, **overrides):
 
 
 def _fit(output_root: Path, name: str, **overrides) -> Path:
-    """Train with rslib.pipeline.train directly (the train notebook has its own tests)."""
+    """Train with rslib.pipeline.stages.train directly (the train notebook has its own tests)."""
     return train.fit(_experiment(name, **overrides), output_root / name, progress=False, log=quiet)
 
 

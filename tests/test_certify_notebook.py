@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from rslib.core.metrics import LBOUND_METHOD, MONTE_CARLO
-from rslib.pipeline.certify_stage import ROW_COLUMNS
 from rslib.pipeline.runner import run_file as run
+from rslib.pipeline.stages.certify import ROW_COLUMNS
 
 PARAMS = Path(__file__).resolve().parents[1] / "params" / "demo" / "certify.yaml"
 TINY = {"train.epochs": 1, "train.max_batches": 4, "certify.n": 200, "certify.skip": 15,

@@ -18,8 +18,9 @@ from rslib.core.certify import Smooth
 from rslib.core.lbound import LBOUND_COLUMNS
 from rslib.core.metrics import certified_accuracy
 from rslib.nn.data import load_dataset, subset
-from rslib.pipeline import certify_stage, train
 from rslib.pipeline.params import ParamsError, validate
+from rslib.pipeline.stages import certify as certify_stage
+from rslib.pipeline.stages import train
 
 SKIP = 15                     # digits test split: 450 images -> 30 selected
 IMAGES_PER_BATCH = 8          # -> batches of 8, 8, 8, 6

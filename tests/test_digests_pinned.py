@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from rslib.pipeline import params, study
-from rslib.pipeline.attack_stage import LBOUND, task_digest
+from rslib.pipeline.stages.attack import LBOUND, task_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 PINNED = json.loads((Path(__file__).parent / "data" / "pinned_digests.json").read_text())

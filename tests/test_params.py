@@ -12,6 +12,7 @@ import yaml
 
 from rslib.pipeline import params
 from rslib.pipeline.params import ParamsError, load, param, parse_override
+from rslib.pipeline.stage import STAGES, Stage
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_NOISES = {"l1_noises": [], "l2_noises": [], "linf_noises": []}
@@ -183,9 +184,10 @@ class ExtraParams:
     flag: bool = param(False)
 
 
-def test_new_sections_and_stages_plug_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_new_sections_and_stages_plug_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request) -> None:
     monkeypatch.setitem(params.SECTIONS, "extra", ExtraParams)
-    monkeypatch.setitem(params.STAGES, "extra_stage", params.Stage("extra_nb", requires=("extra",)))
+    STAGES.register("extra_stage", Stage("extra_stage", notebook="extra_nb", requires=("extra",)))
+    request.addfinalizer(lambda: STAGES.unregister("extra_stage"))
     raw = {"experiment": "x", "stages": ["extra_stage"]}
     with pytest.raises(ParamsError, match="stage 'extra_stage' needs section 'extra', which is missing"):
         load(write(tmp_path, raw))
@@ -260,7 +262,7 @@ def test_relative_paths_become_absolute_for_the_notebooks(tmp_path: Path) -> Non
 
 def test_checkpoint_files_and_heat_bases_are_tracked_by_content(tmp_path: Path, monkeypatch) -> None:
     from rslib.pipeline.params import checkpoint_files_stamp
-    from rslib.pipeline.train import train_digest
+    from rslib.pipeline.stages.train import train_digest
 
     monkeypatch.chdir(tmp_path)
     base = tmp_path / "base.pt"

@@ -19,8 +19,10 @@ import pytest  # noqa: E402
 from rslib.core import metrics  # noqa: E402
 from rslib.core.lbound import COLUMNS as LBOUND_STAT_COLUMNS  # noqa: E402
 from rslib.core.lbound import LBOUND_COLUMNS  # noqa: E402
-from rslib.pipeline import attack_stage, certify_stage, layout
+from rslib.pipeline import layout
 from rslib.pipeline.params import ParamsError  # noqa: E402
+from rslib.pipeline.stages import attack as attack_stage
+from rslib.pipeline.stages import certify as certify_stage
 from rslib.pipeline.study import ReportGroup, Study, load_written  # noqa: E402
 from rslib.report import plots, results
 

@@ -19,6 +19,7 @@ from rslib.pipeline import params
 from rslib.pipeline import runner as run_mod
 from rslib.pipeline.runner import kernel_for_current_python
 from rslib.pipeline.runner import run_file as run
+from rslib.pipeline.stage import STAGES, Stage
 from rslib.util.files import atomic_write_json, atomic_writer
 
 TOY_CELL = """\
@@ -39,14 +40,15 @@ def _notebook(path: Path, *cells: str) -> None:
 
 
 @pytest.fixture
-def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+def setup(tmp_path: Path, request) -> dict[str, Path]:
     """Notebooks 'toy' (writes results/out.json) and 'boom' (raises), registered as stages."""
     nb_dir = tmp_path / "notebooks"
     nb_dir.mkdir()
     _notebook(nb_dir / "toy.ipynb", TOY_CELL)
     _notebook(nb_dir / "boom.ipynb", "raise ValueError('boom from the notebook')")
-    monkeypatch.setitem(params.STAGES, "toy", params.Stage("toy"))
-    monkeypatch.setitem(params.STAGES, "boom", params.Stage("boom"))
+    for name in ("toy", "boom"):
+        STAGES.register(name, Stage(name, notebook=name))
+        request.addfinalizer(lambda name=name: STAGES.unregister(name))
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump({"experiment": "toyexp", "seed": 1, "stages": ["toy"]}))
     bad = tmp_path / "fails.yaml"

@@ -266,7 +266,7 @@ def test_jobs_run_siblings_of_a_finished_dependency_side_by_side(tmp_path: Path)
             assert started[other].wait(timeout=30), f"{e.name} ran alone: {other} never started beside it"
         finished.append(e.name)
 
-    study.run_when_ready(s.experiments, 2, run)
+    study.schedule_lanes(s.experiments, 2, run)
     assert finished[0] == "base" and sorted(finished[1:]) == ["heat_a", "heat_b"]
     assert saw_base_finished == {"heat_a": True, "heat_b": True}
 
@@ -282,7 +282,7 @@ def test_run_when_ready_raises_a_failure_and_starts_nothing_after_it(tmp_path: P
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        study.run_when_ready(s.experiments, 2, run)
+        study.schedule_lanes(s.experiments, 2, run)
     assert ran == ["base"]
 
 

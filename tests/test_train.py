@@ -9,10 +9,10 @@ from helpers import free_port, set_rank_env, top_logit_gradient_norms
 
 from rslib.core.certify import soft_average
 from rslib.core.noises import make_noise
-from rslib.nn import checkpoints
+from rslib.nn import checkpoints, heat, training
 from rslib.nn.data import load_dataset
-from rslib.pipeline import train
 from rslib.pipeline.params import ParamsError, validate
+from rslib.pipeline.stages import train
 
 BASE = {
     "experiment": "digits_test",
@@ -46,7 +46,7 @@ def test_standard_training_reaches_90_percent(tmp_path):
     model = checkpoints.load(path)
     test = load_dataset("digits", "test")
     loader = torch.utils.data.DataLoader(test, batch_size=512)
-    accuracy = train.evaluate(model, loader, torch.device("cpu"))
+    accuracy = training.evaluate(model, loader, torch.device("cpu"))
     assert accuracy >= 0.90, accuracy
     metrics = (tmp_path / "std" / "results" / "train_metrics.csv").read_text().splitlines()
     assert len(metrics) == 16 and "test_acc" in metrics[0]
@@ -73,7 +73,7 @@ def test_noise_mode_accepts_any_rslib_noise(tmp_path, noise):
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     exp = experiment(train={"mode": "noise", "epochs": 3, "max_batches": 4})
     reference = checkpoints.load_checkpoint(train.fit(exp, tmp_path / "full", progress=False, log=quiet))
-    real_epoch = train._train_epoch
+    real_epoch = train.train_epoch
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -82,11 +82,11 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(train, "_train_epoch", interrupted)
+    monkeypatch.setattr(train, "train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train.fit(exp, tmp_path / "cut", progress=False, log=quiet)
     assert checkpoints.load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["epoch"] == 1
-    monkeypatch.setattr(train, "_train_epoch", real_epoch)
+    monkeypatch.setattr(train, "train_epoch", real_epoch)
     resumed = checkpoints.load_checkpoint(train.fit(exp, tmp_path / "cut", progress=False, log=quiet))
     for key, value in reference["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=1e-6)
@@ -103,20 +103,20 @@ def test_finished_run_is_not_repeated(tmp_path):
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     exp = experiment(train={"epochs": 3, "max_batches": 3})
-    real_epoch = train._train_epoch
+    real_epoch = train.train_epoch
     calls = {"n": 0}
 
-    def poisoned(run, model, objective, *args, **kwargs):
+    def poisoned(model, objective, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             def nan_objective(m, x, y, epoch):
                 loss, logits, targets = objective(m, x, y, epoch)
                 return loss * float("nan"), logits, targets
-            return real_epoch(run, model, nan_objective, *args, **kwargs)
-        return real_epoch(run, model, objective, *args, **kwargs)
+            return real_epoch(model, nan_objective, *args, **kwargs)
+        return real_epoch(model, objective, *args, **kwargs)
 
-    monkeypatch.setattr(train, "_train_epoch", poisoned)
-    with pytest.raises(train.TrainingDiverged, match="last good checkpoint"):
+    monkeypatch.setattr(train, "train_epoch", poisoned)
+    with pytest.raises(training.TrainingDiverged, match="last good checkpoint"):
         train.fit(exp, tmp_path / "nan", progress=False, log=quiet)
     last = checkpoints.load_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")
     assert last["epoch"] == 0
@@ -206,11 +206,11 @@ def test_heat_smoothing_moves_towards_the_gaussian_average(tmp_path):
 
 
 def test_student_fit_warning_names_the_fix_for_each_fidelity():
-    assert train.student_fit_warning(1, 0.98, 0.99, 10, "logits") is None
-    assert train.student_fit_warning(1, 0.56, 0.99, 10, "softmax") is None  # just above halfway to chance
-    dead = train.student_fit_warning(1, 0.097, 0.99, 10, "logits")
+    assert heat.student_fit_warning(1, 0.98, 0.99, 10, "logits") is None
+    assert heat.student_fit_warning(1, 0.56, 0.99, 10, "softmax") is None  # just above halfway to chance
+    dead = heat.student_fit_warning(1, 0.097, 0.99, 10, "logits")
     assert "heat step 1" in dead and "0.097" in dead and "lower train.lr" in dead
-    still = train.student_fit_warning(3, 0.30, 0.99, 10, "softmax")
+    still = heat.student_fit_warning(3, 0.30, 0.99, 10, "softmax")
     assert "heat step 3" in still and "raise train.lr" in still
 
 

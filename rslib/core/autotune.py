@@ -19,7 +19,6 @@ reported and re-measured.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import threading
@@ -36,6 +35,7 @@ from torch import nn
 
 from rslib.core.modules import eval_mode
 from rslib.core.noises.tables import cache_dir as tables_cache_dir
+from rslib.util.digest import canonical_json, digest
 from rslib.util.files import atomic_write_json, read_json_dict
 from rslib.util.provenance import cpu_name
 
@@ -127,7 +127,7 @@ def choose(model: nn.Module, example: torch.Tensor, *, batch_size: int | str | N
     with _memo_lock:
         if key in _memo:
             return _memo[key]
-    path = cache_dir() / f"{_digest(key)[:20]}.json"
+    path = cache_dir() / f"{digest(key)[:20]}.json"
     choice = _load(path, key, sizes, formats)
     if choice is None:
         trials = measure(model, example, sizes, formats, autocast=autocast, grad=grad, time_budget=time_budget)
@@ -326,7 +326,7 @@ def model_fingerprint(model: nn.Module) -> str:
     parts = [type(module).__name__ for module in model.modules()]
     parts += [f"{name}:{tuple(tensor.shape)}:{tensor.dtype}"
               for name, tensor in (*model.named_parameters(), *model.named_buffers())]
-    return f"{type(model).__name__}-{_digest(json.dumps(parts))[:16]}"
+    return f"{type(model).__name__}-{digest(parts)[:16]}"
 
 
 def device_name(device: torch.device) -> str:
@@ -344,11 +344,7 @@ def cache_key(model: nn.Module, example: torch.Tensor, sizes: Sequence[int], for
             "device": example.device.type, "device_name": device_name(example.device),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "sizes": list(sizes), "formats": list(formats)}
-    return json.dumps(spec, sort_keys=True)
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    return canonical_json(spec)
 
 
 def _load(path: Path, key: str, sizes: Sequence[int], formats: Sequence[bool]) -> Choice | None:

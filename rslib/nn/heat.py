@@ -445,3 +445,23 @@ def next_student(
     student.requires_grad_(True)
     student.train()
     return student
+
+
+def student_fit_warning(step: int, student_acc: float, teacher_acc: float, num_classes: int,
+                        fidelity: str) -> str | None:
+    """A message when a heat student ends its step closer to chance than to its teacher's test accuracy.
+
+    Such a student did not learn its teacher (typically every ReLU died, or it barely moved), and the
+    later steps would average a broken model. ``None`` when the student is within half the teacher's
+    margin over chance.
+    """
+    chance = 1.0 / num_classes
+    if student_acc >= teacher_acc - 0.5 * (teacher_acc - chance):
+        return None
+    if fidelity == "logits":
+        hint = ("lower train.lr: the logits objective starts near half the summed variance of the teacher's "
+                "logits, and large steps kill the student's ReLUs")
+    else:
+        hint = "raise train.lr or train.epochs: the softmax objective and its gradients are small"
+    return (f"heat step {step}: the student reaches {student_acc:.3f} test accuracy, its teacher {teacher_acc:.3f} "
+            f"(chance {chance:.3f}); it did not learn its teacher. {hint}.")

@@ -1,5 +1,5 @@
 """Training objectives, one per ``train.mode``, registered in :data:`OBJECTIVES`; the loop in
-``rslib.pipeline.train`` is shared by all of them.
+``rslib.pipeline.stages.train`` is shared by all of them.
 
 Each objective maps a batch to ``(loss, logits, targets)``; ``logits``/``targets`` give the running
 training accuracy (on the inputs the loss saw: noisy ones for noise-based modes). A registered

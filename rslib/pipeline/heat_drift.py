@@ -27,9 +27,7 @@ heat experiment.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,7 +43,9 @@ from rslib.core.noises import make_noise
 from rslib.nn import checkpoints, heat
 from rslib.nn.data import batch_of, load_dataset, subset
 from rslib.pipeline import layout, params
-from rslib.util.files import atomic_write_json, atomic_write_text, atomic_writer, file_sha256
+from rslib.util.digest import canonical_json, digest
+from rslib.util.files import atomic_write_json, atomic_writer, file_sha256
+from rslib.util.tables import write_csv
 
 #: Widths of the Gaussian averages compared (the certified sigma is added when missing).
 DEFAULT_WIDTHS = (0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.75, 1.0)
@@ -160,9 +160,9 @@ def cached_averages(base_path: Path, base: nn.Module, x: torch.Tensor, selection
                     widths: Sequence[float], draws: int, seed: int, folder: Path) -> torch.Tensor:
     """:func:`gaussian_averages`, read from ``folder`` when computed before for the same base weights,
     images, widths, draws and seed (an unreadable or foreign file is recomputed and replaced)."""
-    key = json.dumps({"base_sha256": file_sha256(base_path), "images": list(map(int, selection)),
-                      "widths": list(widths), "draws": draws, "seed": seed}, sort_keys=True)
-    path = folder / f"gaussian_averages_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    key = canonical_json({"base_sha256": file_sha256(base_path), "images": list(map(int, selection)),
+                          "widths": list(widths), "draws": draws, "seed": seed})
+    path = folder / f"gaussian_averages_{digest(key)[:16]}.pt"
     if path.exists():
         try:
             saved = torch.load(path, map_location=x.device, weights_only=True)
@@ -221,6 +221,6 @@ def experiment_drift(exp_dir: str | Path, *, images: int = 1000, skip: int = 10,
                "monte_carlo_floor": floor, "floor_ratio_to_base": floor / float(table[distance_column(sigma)].iloc[0]),
                **verdict(table, sigma)}
     results = layout.results_dir(exp_dir)
-    atomic_write_text(results / f"{DRIFT_TABLE}.csv", table.to_csv(index=False))
+    write_csv(results / f"{DRIFT_TABLE}.csv", table)
     atomic_write_json(results / f"{DRIFT_TABLE}.json", summary)
     return table, summary

@@ -3,7 +3,8 @@
 An experiment file has top-level keys (``experiment``, ``description``, ``seed``, ``device``,
 ``stages``) and one section per topic. Each section is a frozen dataclass listed in ``SECTIONS``;
 the validator is driven by the dataclass fields, their type hints and their ``param`` metadata,
-so a new section is one dataclass plus one ``SECTIONS`` entry, and a new stage one ``STAGES`` entry.
+so a new section is one dataclass plus one ``SECTIONS`` entry. The stages an experiment may list are
+those of ``rslib.pipeline.stage.STAGES``; what enters a stage's digest is declared on the fields.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import yaml
 from rslib.core.attacks import ATTACKS
 from rslib.nn.objectives import OBJECTIVES
 from rslib.pipeline import layout
+from rslib.pipeline.stage import STAGES, experiment_stages
 from rslib.util.digest import digest
 
 
@@ -365,27 +367,6 @@ def cross_check(sections: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
             yield "model.arch", f"must be one of {', '.join(ARCHITECTURES)}, got {model.arch!r}"
 
 
-@dataclass(frozen=True)
-class Stage:
-    """A runnable stage: its notebook stem in ``notebooks/``, the sections it needs and the stages
-    whose outputs it reads when the experiment has them (they enter its digest).
-
-    A needed section that the file leaves out is filled with its defaults when every field
-    has one; otherwise leaving it out is an error.
-    """
-
-    notebook: str
-    requires: tuple[str, ...] = ()
-    reads: tuple[str, ...] = ()
-
-
-STAGES: dict[str, Stage] = {
-    "tutorial_noise_radii": Stage("tutorial_noise_radii", requires=("tutorial",)),
-    "train": Stage("train", requires=("data", "model", "noise", "train")),
-    "certify": Stage("certify", requires=("data", "model", "noise", "certify"), reads=("train",)),
-    "attack": Stage("attack", requires=("data", "model", "noise", "attack"), reads=("train",)),
-}
-
 # --------------------------------------------------------------------------- experiment
 
 _NOT_IN_DIGEST = ("description", "stages")
@@ -436,8 +417,8 @@ class Experiment:
     def check(self) -> Iterator[tuple[str, str]]:
         """Stage names must be registered and not repeated."""
         for i, name in enumerate(self.stages):
-            if name not in STAGES:
-                yield f"stages[{i}]", f"must be one of {', '.join(STAGES)}, got {name!r}"
+            if name not in experiment_stages():
+                yield f"stages[{i}]", f"must be one of {', '.join(experiment_stages())}, got {name!r}"
             elif name in self.stages[:i]:
                 yield f"stages[{i}]", f"repeats stage {name!r}"
 
@@ -470,8 +451,7 @@ class Experiment:
         ``certify`` leaves a finished ``train`` and ``attack`` valid, while editing ``train`` makes
         both stale. ``salt`` mixes in outside inputs (a sibling's digest, a checkpoint file's stamp).
         """
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+        STAGES[stage]  # an unknown stage names the choices
         upstream = [stage, *(s for s in STAGES[stage].reads if s in self.stages)]
         names = sorted({section for name in upstream for section in STAGES[name].requires})
         full = self.to_dict()
@@ -480,19 +460,17 @@ class Experiment:
         return digest(data)
 
 
-#: Fields holding a checkpoint: a ``.pt`` path, or the name of a sibling experiment.
-CHECKPOINT_FIELDS = (("train", "heat_base"), ("certify", "checkpoint"), ("attack", "checkpoint"))
-
-
 def read_checkpoints(exp: Experiment) -> Iterator[tuple[str, str, str]]:
-    """(section, key, reference) of every checkpoint the experiment's stages read: the base of a
-    heat training, and ``certify.checkpoint`` / ``attack.checkpoint`` when those stages run."""
-    for section, key in CHECKPOINT_FIELDS:
-        values = exp.sections.get(section)
-        reference = getattr(values, key) if values is not None else None
-        if reference is None or section not in exp.stages or (section == "train" and values.mode != "heat"):
+    """(section, key, reference) of every checkpoint the experiment's stages read (their declared
+    ``Stage.checkpoint`` fields: the base of a heat training, ``certify.checkpoint``, ...)."""
+    for stage in STAGES.values():
+        read = stage.checkpoint
+        if read is None or stage.name not in exp.stages:
             continue
-        yield section, key, reference
+        values = exp.sections.get(read.section)
+        reference = getattr(values, read.key) if values is not None else None
+        if reference is not None and read.when(values):
+            yield read.section, read.key, reference
 
 
 def checkpoint_files_stamp(exp: Experiment) -> str:
@@ -529,7 +507,7 @@ def with_absolute_paths(exp: Experiment, base: str | os.PathLike[str] | None = N
         data_dir = data.data_dir or (None if DATASETS[data.dataset].embedded else str(default_data_dir()))
         if data_dir:
             sections["data"] = dataclasses.replace(data, data_dir=absolute(data_dir))
-    for name, key in CHECKPOINT_FIELDS:
+    for name, key in ((s.checkpoint.section, s.checkpoint.key) for s in STAGES.values() if s.checkpoint):
         section = sections.get(name)
         value = getattr(section, key) if section is not None else None
         if value and layout.is_checkpoint_path(value):

@@ -1,7 +1,7 @@
 """One resumable, sharded dataset-level stage: the mechanism certification and attacks share.
 
 A dataset-level stage computes one row per evaluated image into a table ``results/<table>.csv``
-with metadata ``results/<table>.json``. :func:`run_sharded` does it in this order:
+with metadata ``results/<table>.json``. :func:`compute_rows` does it in this order:
 
 1. **guard**: a dict (parameter digest, checkpoint sha256, device type) that a finished table and
    the partial files must match; a finished table with the same guard is reused (nothing runs);
@@ -16,14 +16,12 @@ with metadata ``results/<table>.json``. :func:`run_sharded` does it in this orde
    checks that none is missing, and the caller's ``publish`` writes the table and its metadata
    atomically; then the partial files are removed.
 
-Append-only files: every append writes complete newline-terminated lines and fsyncs; reading
-keeps every whole, parsable line and reports whether the file was clean.
+Append-only files (``rslib.util.tables``): every append writes complete newline-terminated lines and
+fsyncs; reading keeps every whole, parsable line and reports whether the file was clean.
 """
 
 from __future__ import annotations
 
-import csv
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,49 +33,9 @@ from tqdm.auto import tqdm
 from rslib.nn import distributed
 from rslib.pipeline import layout
 from rslib.util.files import atomic_write_json, atomic_write_text, json_safe, read_json_dict
+from rslib.util.tables import append_rows, csv_text, read_rows
 
 Log = Callable[[str], None]
-
-
-# --------------------------------------------------------------------------- append-only row files
-
-
-def read_rows(path: Path, columns: Sequence[str],
-              parse: Callable[[list[str]], list[Any]]) -> tuple[list[list[Any]], bool]:
-    """Parsed rows of ``path`` and whether it was clean.
-
-    Only newline-terminated lines count; a line that ``parse`` rejects (ValueError / KeyError) is
-    dropped; a file whose header is not ``columns`` yields no rows. A missing file is empty and clean.
-    """
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return [], True
-    *lines, tail = text.split("\n")
-    clean = tail == ""
-    if not lines or lines[0] != ",".join(columns):
-        return [], not lines and clean
-    rows = []
-    for fields in csv.reader(lines[1:]):
-        try:
-            rows.append(parse(fields))
-        except (ValueError, KeyError):
-            clean = False
-    return rows, clean
-
-
-def append_rows(path: Path, frame: pd.DataFrame, columns: Sequence[str]) -> None:
-    """Append ``frame[columns]`` (with the header if the file is new or empty), flushed and fsynced."""
-    header = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", encoding="utf-8", newline="") as f:
-        f.write(frame[list(columns)].to_csv(index=False, header=header, lineterminator="\n"))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def table_text(frame: pd.DataFrame) -> str:
-    """A finished table as CSV text (no index, ``\\n`` line ends)."""
-    return frame.to_csv(index=False, lineterminator="\n")
 
 
 # --------------------------------------------------------------------------- one sharded table
@@ -161,7 +119,7 @@ class ShardedTable:
         rows, clean = self.read_partial(own)
         if not clean:
             log(f"{own.name}: dropped a torn or unreadable line; those images are computed again")
-            atomic_write_text(own, table_text(rows))
+            atomic_write_text(own, csv_text(rows))
         return own
 
     def complete(self, selection: Sequence[int]) -> pd.DataFrame:
@@ -185,7 +143,7 @@ class ShardedTable:
 ChunkResult = tuple[pd.DataFrame, Mapping[str, str]]
 
 
-def run_sharded(table: ShardedTable, ctx: distributed.Context, selection: Sequence[int], chunk_size: int,
+def compute_rows(table: ShardedTable, ctx: distributed.Context, selection: Sequence[int], chunk_size: int,
                 guard: Mapping[str, str], compute: Callable[[list[int]], ChunkResult], *, whole_chunks: bool,
                 progress: bool, log: Log, describe: Callable[[int], str]) -> tuple[pd.DataFrame | None, int]:
     """Compute the rows of ``selection`` (resuming, sharded over ranks); return them merged on rank 0

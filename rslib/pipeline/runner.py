@@ -9,7 +9,6 @@ that waited for another one skips what that run finished. Another run holding th
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -25,6 +24,8 @@ import yaml
 
 from rslib.pipeline import layout, params
 from rslib.pipeline.locks import FolderLock
+from rslib.pipeline.stage import STAGES
+from rslib.util.digest import digest
 from rslib.util.files import atomic_write_json, atomic_write_text, read_json_dict
 from rslib.util.provenance import provenance
 
@@ -122,7 +123,7 @@ def plan(
     exp_dir = layout.experiment_dir(exp.experiment, output_root)
     salt += params.checkpoint_files_stamp(exp)
     return [
-        plan_stage(name, stage_notebook(params.STAGES[name].notebook, notebooks_dir), exp_dir,
+        plan_stage(name, stage_notebook(STAGES[name].notebook, notebooks_dir), exp_dir,
                    exp.stage_digest(name, salt), force)
         for name in exp.stages
         if only is None or name in only
@@ -191,7 +192,7 @@ def kernel_for_current_python(work_dir: Path) -> tuple[str, Path | None]:
         argv = []
     if _launches_this_python(argv):
         return "python3", None
-    name = "rslib-" + hashlib.sha256(sys.executable.encode()).hexdigest()[:12]
+    name = "rslib-" + digest(sys.executable)[:12]
     jupyter_dir = work_dir / ".jupyter"
     spec_dir = jupyter_dir / "kernels" / name
     shutil.rmtree(spec_dir, ignore_errors=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from rslib.pipeline import layout, locks, params, runner
+from rslib.pipeline.stage import STAGES
 
 State = Literal["finished", "outdated", "running", "failed", "interrupted", "not started"]
 
@@ -42,28 +43,6 @@ def failure_message(notebook: Path) -> str:
     return f"see {notebook}"
 
 
-def _count_rows(paths: Sequence[Path]) -> int:
-    rows = 0
-    for path in paths:
-        try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                rows += max(sum(1 for _ in f) - 1, 0)
-        except OSError:
-            continue
-    return rows
-
-
-def rows_done(exp_dir: Path, stage: str) -> str:
-    """What an unfinished stage has on disk: epochs of training, rows of certification or attacks."""
-    results = layout.results_dir(exp_dir)
-    if stage == "train":
-        epochs = _count_rows([results / layout.TRAIN_METRICS])
-        return f"{epochs} epoch(s) done" if epochs else ""
-    table = layout.CERTIFY_TABLE if stage == "certify" else layout.attack_table("*")
-    rows = _count_rows(layout.partial_files(results, table))
-    return f"{rows} row(s) on disk" if rows else ""
-
-
 def experiment_status(name: str, exp_dir: Path, stages: Sequence[str],
                       planned: Sequence[runner.PlannedStage] | None = None) -> list[StageStatus]:
     """The state of every stage of one experiment folder.
@@ -80,7 +59,7 @@ def experiment_status(name: str, exp_dir: Path, stages: Sequence[str],
         if marker is not None and (stage not in current or current[stage].action == "skip"):
             out.append(StageStatus(name, exp_dir, stage, "finished", str(marker.get("finished_at", ""))))
             continue
-        progress = rows_done(exp_dir, stage) if first_open else ""  # only the first open stage has rows
+        progress = STAGES[stage].progress(exp_dir) if first_open else ""  # only the first open stage has rows
         if holder is not None and holder.alive and first_open:
             state, detail = "running", f"by {holder.describe()}"
         elif failed.exists():

@@ -3,7 +3,7 @@
 A study folder (written by ``rslib run <study yaml>``) holds ``study.json`` and one experiment
 folder ``<study_dir>/<experiment>`` per experiment; ``rslib.pipeline.study.load_written`` reads the study back
 (``open_study`` does it for the plot notebooks). The functions below read each experiment's
-``results/*.csv`` (the schemas of ``rslib.pipeline.certify_stage`` and ``rslib.pipeline.attack_stage``) for one report
+``results/*.csv`` (the schemas of ``rslib.pipeline.stages.certify`` and ``rslib.pipeline.stages.attack``) for one report
 group and turn them into long tables that ``rslib.report.plots`` draws and ``write_tables`` saves under
 ``<study_dir>/results/<table>_<group>.csv``.
 
@@ -38,10 +38,12 @@ from rslib.core import metrics
 from rslib.core.lbound import LBOUND_COLUMNS
 from rslib.core.metrics import certified_accuracy
 from rslib.core.noises import NORM_LABELS
-from rslib.pipeline import attack_stage, certify_stage, layout
+from rslib.pipeline import layout
+from rslib.pipeline.stages import attack as attack_stage
+from rslib.pipeline.stages import certify as certify_stage
 from rslib.pipeline.study import ReportGroup, Study, StudyExperiment, load_written
 from rslib.report import plots
-from rslib.util.files import atomic_write_text
+from rslib.util.tables import write_csv
 
 #: Columns of ``group_curves``.
 CURVE_COLUMNS = ["experiment", "label", "noise", "sigma", "train_mode", "family", "method", "norm", "source",
@@ -526,7 +528,7 @@ def write_tables(study: Study, group: ReportGroup, tables: Mapping[str, pd.DataF
         if frame is None or not len(frame):
             continue
         path = table_path(study, name, group)
-        atomic_write_text(path, frame.to_csv(index=False, lineterminator="\n"))
+        write_csv(path, frame)
         written.append(path)
     return written
 

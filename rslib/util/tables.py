@@ -55,3 +55,15 @@ def read_rows(path: Path, columns: Sequence[str],
         except (ValueError, KeyError):
             clean = False
     return rows, clean
+
+
+def count_rows(paths: Sequence[Path]) -> int:
+    """Data lines (all lines but the header) of the CSV files ``paths`` that can be read."""
+    rows = 0
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                rows += max(sum(1 for _ in f) - 1, 0)
+        except OSError:
+            continue
+    return rows

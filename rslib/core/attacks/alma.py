@@ -312,6 +312,6 @@ register_attack(AttackSpec(
     options=(Option("alma_steps", int, 500, ge=1, help="iterations per run"),
              Option("alma_restarts", int, 2, ge=1, help="runs per input: the first from the input, the others "
                                                          "from random points around it")),
-    run=lambda model, x, y, options, judge, generator: alma(
+    attack=lambda model, x, y, options, judge, generator: alma(
         model, x, y, steps=options["alma_steps"], restarts=options["alma_restarts"], judge=judge,
         generator=generator)))

@@ -405,8 +405,8 @@ def input_gradient(model: nn.Module, x_adv: Tensor, y: Tensor, targeted: bool) -
 # Registry
 # ----------------------------------------------------------------------------------------------
 
-#: ``run(model, x, y, options, judge, generator)``: one batch attacked with the stage's options.
-RunAttack = Callable[[nn.Module, Tensor, Tensor, Mapping[str, Any], Judge | None, torch.Generator], AttackResult]
+#: ``attack(model, x, y, options, judge, generator)``: one batch attacked with the stage's options.
+AttackBatch = Callable[[nn.Module, Tensor, Tensor, Mapping[str, Any], Judge | None, torch.Generator], AttackResult]
 
 
 @dataclass(frozen=True)
@@ -416,14 +416,14 @@ class AttackSpec:
     ``options`` are its YAML keys in the ``attack`` section (only they, with the shared settings,
     enter its digest); ``stream`` numbers its per-chunk random generators (unique, never reused, so
     rows stay reproducible); ``norm`` is the distance it minimizes (a function of the options when it
-    has a choice); ``run`` attacks one batch.
+    has a choice); ``attack`` attacks one batch.
     """
 
     name: str
     stream: int
     description: str
     options: tuple[Option, ...]
-    run: RunAttack
+    attack: AttackBatch
     norm: str | Callable[[Mapping[str, Any]], str] = "l2"
 
     def norm_of(self, options: Mapping[str, Any]) -> str:

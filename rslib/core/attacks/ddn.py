@@ -133,6 +133,6 @@ register_attack(AttackSpec(
     options=(Option("ddn_steps", int, 100, ge=1, help="iterations", neutral=False),
              Option("ddn_init_norm", float, 1.0, gt=0, help="the starting norm epsilon", neutral=False),
              Option("ddn_gamma", float, 0.05, gt=0, lt=1, help="the norm step: epsilon *= 1 -+ gamma", neutral=False)),
-    run=lambda model, x, y, options, judge, generator: ddn(
+    attack=lambda model, x, y, options, judge, generator: ddn(
         model, x, y, steps=options["ddn_steps"], gamma=options["ddn_gamma"], init_norm=options["ddn_init_norm"],
         judge=judge, generator=generator)))

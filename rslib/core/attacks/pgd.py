@@ -196,7 +196,7 @@ register_attack(AttackSpec(
              Option("eps_max", float, 4.0, gt=0, help="the largest budget tried", neutral=False),
              Option("pgd_steps", int, 20, ge=1, help="PGD steps per budget", neutral=False),
              Option("search_steps", int, 8, ge=0, help="bisection rounds over the budget", neutral=False)),
-    run=lambda model, x, y, options, judge, generator: pgd_minimal(
+    attack=lambda model, x, y, options, judge, generator: pgd_minimal(
         model, x, y, options["norm"], options["eps_max"], search_steps=options["search_steps"],
         steps=options["pgd_steps"], judge=judge),
     norm=lambda options: options["norm"]))

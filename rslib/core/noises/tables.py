@@ -9,7 +9,6 @@ nodes we take the tangent of the node on the left, past the last node the tangen
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rslib.util.digest import canonical_json, digest
 from rslib.util.files import atomic_write_bytes
 
 TABLE_FORMAT_VERSION = 1
@@ -84,13 +84,12 @@ def cache_dir() -> Path:
 
 def table_key(kind: str, **spec: object) -> str:
     """Canonical key of a table: its kind, distribution parameters, grid and the format version."""
-    return json.dumps({"kind": kind, "format": TABLE_FORMAT_VERSION, **spec}, sort_keys=True)
+    return canonical_json({"kind": kind, "format": TABLE_FORMAT_VERSION, **spec}, spaced=True)
 
 
 def _path_for(key: str) -> Path:
-    kind = json.loads(key)["kind"]
-    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    return cache_dir() / f"{kind}-{digest}.npz"
+    spec = json.loads(key)
+    return cache_dir() / f"{spec['kind']}-{digest(spec, spaced=True)[:20]}.npz"
 
 
 def _read(path: Path, key: str) -> RadiusTable | None:

@@ -27,7 +27,7 @@ Targets (``attack.target``):
 PGD runs in minimal-distance mode (``rslib.core.attacks.pgd_minimal``: bisection over the budget in
 ``[0, attack.eps_max]``), so like DDN it reports the smallest successful perturbation it found.
 
-Resume and sharding (``rslib.pipeline.resumable.run_sharded``): the subset is cut into chunks of
+Resume and sharding (``rslib.pipeline.resumable.compute_rows``): the subset is cut into chunks of
 ``attack.images_per_batch`` images; under ``torchrun`` rank ``r`` of ``w`` takes chunks ``r::w``.
 Every finished chunk is appended to a partial row file, so an interrupted attack resumes at the first
 unfinished chunk; the noise of a chunk comes from generators seeded by (seed, attack, first index of
@@ -71,18 +71,18 @@ from rslib.pipeline.params import Experiment, section_digest
 from rslib.pipeline.resumable import (
     RowSchema,
     ShardedTable,
+    compute_rows,
     finished_table,
-    run_sharded,
-    table_text,
 )
+from rslib.pipeline.stage import STAGES, CheckpointField, Stage
 from rslib.util.digest import digest
 from rslib.util.files import (
     atomic_write_json,
-    atomic_write_text,
     json_safe,
     read_json_dict,
 )
 from rslib.util.provenance import provenance
+from rslib.util.tables import count_rows, csv_text, write_csv
 
 #: Columns of ``results/attack_<name>.csv``.
 ROW_COLUMNS = list(FRAME_COLUMNS)
@@ -202,7 +202,7 @@ def attack_batch(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     if spec.target == "smoothed":
         target = smoothed(model, noise, spec.draws, fresh=spec.fresh_draws, generator=generators[0])
         judge = make_judge(model, noise, num_classes, spec, seed % (2**31), generators[1])
-    return ATTACKS[name].run(target, x, y, spec.options(name), judge, generators[2])
+    return ATTACKS[name].attack(target, x, y, spec.options(name), judge, generators[2])
 
 
 # --------------------------------------------------------------------------- the run
@@ -285,7 +285,7 @@ class _AttackSetup:
             return (f"{name}: attacking {len(self.selection)} test images ({spec.target} target) on "
                     f"{ctx.world_size} process(es), device {ctx.device}: {remaining} to do")
 
-        rows, fresh = run_sharded(table, ctx, self.selection, spec.images_per_batch,
+        rows, fresh = compute_rows(table, ctx, self.selection, spec.images_per_batch,
                                   {**guard, "device_type": ctx.device.type}, attack_chunk, whole_chunks=True,
                                   progress=self.progress, log=self.log, describe=describe)
         if rows is not None:
@@ -300,7 +300,7 @@ class _AttackSetup:
                                "wall_seconds": wall, "images_attacked_in_last_call": fresh,
                                "wall_seconds_per_image": wall / fresh if fresh else None},
                     "summary": stats.reset_index().to_dict(orient="records")[0]}
-            table.publish(table_text(rows[ROW_COLUMNS]), meta)
+            table.publish(csv_text(rows[ROW_COLUMNS]), meta)
             self.say(f"{name}: success rate {stats['success_rate'].iloc[0]:.3f}, median l2 "
                      f"{stats['median_l2'].iloc[0]:.4g} ({per_image * 1e3:.3g} ms per image) -> {table.final}")
         ctx.barrier()
@@ -311,7 +311,7 @@ class _AttackSetup:
         path = result_path(self.results, BEST)
         if self.ctx.is_main:
             table = best_over_attacks({name: read_table(finished[name]) for name in self.spec.attacks})
-            atomic_write_text(path, table_text(table[[*ROW_COLUMNS, "found_by"]]))
+            write_csv(path, table[[*ROW_COLUMNS, "found_by"]])
         self.ctx.barrier()
         return path
 
@@ -347,7 +347,7 @@ class _AttackSetup:
                         "averaged) model it is no bound at all.",
                 "timing": {"seconds_per_image": seconds / images if images else None,
                            "wall_seconds": time.perf_counter() - started}}
-        atomic_write_text(final, table_text(table))
+        write_csv(final, table)
         atomic_write_json(meta_path, json_safe(meta))
         return final
 
@@ -419,3 +419,15 @@ def attack_names_present(results: Path) -> list[str]:
     """The attacks with a finished ``attack_<name>.csv`` in ``results``."""
     return [p.stem.removeprefix("attack_") for p in sorted(results.glob("attack_*.csv"))
             if p.name != layout.ATTACK_CDF]
+
+
+def rows_on_disk(exp_dir: Path) -> str:
+    """What an unfinished attack stage has on disk: the rows of its partial files."""
+    rows = count_rows(layout.partial_files(layout.results_dir(exp_dir), layout.attack_table("*")))
+    return f"{rows} row(s) on disk" if rows else ""
+
+
+STAGES.register("attack", Stage(
+    "attack", notebook="attack", requires=("data", "model", "noise", "attack"), reads=("train",),
+    checkpoint=CheckpointField("attack", "checkpoint"), writes=("results/attack_<name>.csv", "results/attack_best.csv", "results/lbound.csv", "results/attack.json"),
+    progress=rows_on_disk, compute=attack_experiment, description="minimal-norm attacks on the test subset, each attack's table resumable"))

@@ -3,7 +3,7 @@
 ``certify_experiment(experiment)`` certifies the chosen test subset (every ``certify.skip``-th test
 image, at most ``certify.max``) with ``rslib.core.certify.Smooth`` and returns ``results/certify.csv``
 (columns of ``Certificate.to_frame()``) with ``results/certify.json`` (parameters, noise, checkpoint,
-timing, summary, provenance). Rows are computed by ``rslib.pipeline.resumable.run_sharded``: ``images_per_batch``
+timing, summary, provenance). Rows are computed by ``rslib.pipeline.resumable.compute_rows``: ``images_per_batch``
 images per call, appended per rank, resumed after an interruption, merged by rank 0; ``Smooth`` draws
 the noise of input ``i`` from its own stream seeded by ``(seed, i)``, so rows do not depend on
 batching, interruptions or the number of ranks. A finished table with the same parameter digest and
@@ -36,9 +36,11 @@ from rslib.nn import checkpoints, distributed
 from rslib.nn.data import DATASETS, batch_of
 from rslib.pipeline import inputs, layout
 from rslib.pipeline.params import Experiment
-from rslib.pipeline.resumable import RowSchema, ShardedTable, run_sharded, table_text
-from rslib.util.files import atomic_write_text, read_json_dict
+from rslib.pipeline.resumable import RowSchema, ShardedTable, compute_rows
+from rslib.pipeline.stage import STAGES, CheckpointField, Stage
+from rslib.util.files import read_json_dict
 from rslib.util.provenance import provenance
+from rslib.util.tables import count_rows, csv_text, write_csv
 
 #: Columns of ``results/certify.csv``: exactly those of ``Certificate.to_frame()`` (sequential
 #: certification adds ``SEQUENTIAL_COLUMNS``).
@@ -151,7 +153,7 @@ def certify_experiment(experiment: Experiment, output_dir: str | Path | None = N
                 f"process(es), device {ctx.device}: {remaining} to do; n0={spec.n0}, n={spec.n}, "
                 f"alpha={spec.alpha}, noise {noise!r}")
 
-    rows, fresh = run_sharded(table, ctx, selection, spec.images_per_batch, guard, certify_chunk, whole_chunks=False,
+    rows, fresh = compute_rows(table, ctx, selection, spec.images_per_batch, guard, certify_chunk, whole_chunks=False,
                        progress=progress, log=log, describe=describe)
     if rows is not None:
         meta = _metadata(experiment, guard, noise, info, rows, selection, ctx,
@@ -160,7 +162,7 @@ def certify_experiment(experiment: Experiment, output_dir: str | Path | None = N
         if spec.deterministic:
             meta["lbound"] = _write_lbound(model, dataset, selection, noise.sigma, spec, ctx.device, results,
                                            meta["timing"]["seconds_predict_per_image"])
-        table.publish(table_text(rows), meta)
+        table.publish(csv_text(rows), meta)
         say(f"certified {len(rows)} images in {meta['timing']['wall_seconds']:.1f} s -> {table.final}")
     ctx.barrier()
     return table.final
@@ -209,7 +211,7 @@ def _write_lbound(model: torch.nn.Module, dataset, selection: Sequence[int], sig
         x, y = batch_of(dataset, chunk, device)
         frames.append(lbound_rows(model, x, y, chunk, sigma, spec.topk, warm_up=start == 0))
     lbound = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=LBOUND_COLUMNS)
-    atomic_write_text(results / layout.LBOUND_CERTIFY, table_text(lbound))
+    write_csv(results / layout.LBOUND_CERTIFY, lbound)
     one_pass = float(lbound["seconds"].mean())
     return {
         "file": layout.LBOUND_CERTIFY, "approximate": True, "norm": "l2",
@@ -237,3 +239,15 @@ def read_results(output_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any], 
     meta = read_json_dict(metadata) or {}
     lbound = pd.read_csv(results / layout.LBOUND_CERTIFY) if meta.get("lbound") else None
     return read_table(final), meta, lbound
+
+
+def rows_on_disk(exp_dir: Path) -> str:
+    """What an unfinished certify stage has on disk: the rows of its partial files."""
+    rows = count_rows(layout.partial_files(layout.results_dir(exp_dir), layout.CERTIFY_TABLE))
+    return f"{rows} row(s) on disk" if rows else ""
+
+
+STAGES.register("certify", Stage(
+    "certify", notebook="certify", requires=("data", "model", "noise", "certify"), reads=("train",),
+    checkpoint=CheckpointField("certify", "checkpoint"), writes=("results/certify.csv", "results/certify.json", "results/lbound_certify.csv"),
+    progress=rows_on_disk, compute=certify_experiment, description="Monte-Carlo certification of the test subset (sharded, resumable)"))
