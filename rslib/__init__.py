@@ -1,7 +1,8 @@
 """rslib: certified robustness by smoothing — noises, certificates and reproducible notebooks.
 
-The public API, importable from here: ``Smooth``, ``ABSTAIN``, ``make_noise``, ``NOISES``, the attacks
-(``ddn``, ``pgd``, ``pgd_minimal``, ``alma``, ``ATTACKS``) and the training entry point ``fit``. The
+The public API, importable from here: ``Smooth``, ``ABSTAIN``, ``Certificate``, ``smoothed``,
+``make_noise``, ``NOISES``, ``Noise``, the attacks (``ddn``, ``pgd``, ``pgd_minimal``, ``alma``,
+``ATTACKS``, ``AttackResult``) and the training entry point ``fit``. The
 layers below (``rslib.util`` <- ``rslib.core`` <- ``rslib.nn`` <- ``rslib.pipeline`` <- ``rslib.report``
 <- ``rslib.cli``) hold the rest; see the README's "Architecture".
 """
@@ -13,8 +14,10 @@ from rslib.util.provenance import VERSION as __version__
 
 #: Public name -> the module that defines it (imported on first use, so ``import rslib`` stays light).
 _PUBLIC = {
-    "Smooth": "rslib.core.certify", "ABSTAIN": "rslib.core.certify", "Certificate": "rslib.core.certify",
-    "make_noise": "rslib.core.noises", "NOISES": "rslib.core.noises", "Noise": "rslib.core.noises",
+    **dict.fromkeys(("Smooth", "ABSTAIN", "Certificate", "smoothed"), "rslib.core.certify"),
+    **dict.fromkeys(("make_noise", "NOISES", "Noise"), "rslib.core.noises"),
+    **dict.fromkeys(("ddn", "pgd", "pgd_minimal", "alma", "ATTACKS", "AttackResult"), "rslib.core.attacks"),
+    "fit": "rslib.pipeline.stages.train",
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -12,7 +12,7 @@ from pathlib import Path
 from rslib.nn import checkpoints
 from rslib.nn.checkpoint_import import INPUT_LAYERS, SOURCES, import_checkpoint
 from rslib.nn.data import DATASETS
-from rslib.pipeline import layout, params, study
+from rslib.pipeline import layout, params, schema, study
 from rslib.pipeline.heat_drift import DEFAULT_WIDTHS, experiment_drift
 from rslib.pipeline.locks import LockHeld, lock_for_rank, sigterm_as_interrupt
 from rslib.pipeline.runner import (
@@ -310,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _command(args: argparse.Namespace) -> int:
     """Run one command whose arguments parsed; errors propagate to ``main``."""
-    overrides = dict(params.parse_override(o) for o in args.overrides)
+    overrides = dict(schema.parse_override(o) for o in args.overrides)
     if args.command == "status":
         return _status(args, overrides)
     if args.command == "resolve":

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from rslib.pipeline import params
-from rslib.pipeline.params import ParamsError, load, param, parse_override
+from rslib.pipeline.params import ParamsError, load
+from rslib.pipeline.schema import param, parse_override
 from rslib.pipeline.stage import STAGES, Stage
 
 ROOT = Path(__file__).resolve().parents[1]

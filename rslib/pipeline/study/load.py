@@ -19,7 +19,7 @@ import yaml
 
 from rslib.core.noises import NORM_LABELS
 from rslib.pipeline import layout, params
-from rslib.pipeline.params import ParamsError
+from rslib.pipeline.schema import ParamsError, apply_overrides, read_yaml_mapping
 from rslib.pipeline.stage import STAGES, study_stages
 from rslib.pipeline.study.spec import DEFAULT_RADII, ReportGroup, Study, StudyExperiment
 from rslib.util.digest import digest
@@ -149,7 +149,7 @@ def _override_experiment(raw: dict[str, Any], overrides: Mapping[str, Any], wher
             raise ParamsError(f"{where}: override '{key}' cannot rename study experiments")
         if "." in key and head not in raw and head not in needed:
             continue
-        raw = params.apply_overrides(raw, {key: value}, where)
+        raw = apply_overrides(raw, {key: value}, where)
         used.add(key)
     return raw, used
 
@@ -301,7 +301,7 @@ def load(path: str | os.PathLike[str], **overrides: Any) -> Study:
     """
     path = Path(path)
     label = str(path)
-    raw = params.read_yaml_mapping(path)
+    raw = read_yaml_mapping(path)
     unknown = sorted(set(raw) - set(_TOP_KEYS), key=str)
     if unknown:
         raise ParamsError(f"{label}: unknown key '{unknown[0]}' (valid keys of a study: {', '.join(_TOP_KEYS)})")
