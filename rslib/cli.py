@@ -12,75 +12,61 @@ from pathlib import Path
 from rslib.nn import checkpoints
 from rslib.nn.checkpoint_import import INPUT_LAYERS, SOURCES, import_checkpoint
 from rslib.nn.data import DATASETS
-from rslib.pipeline import layout, params, schema, study
+from rslib.pipeline import layout, params, runner, schema, study
 from rslib.pipeline.heat_drift import DEFAULT_WIDTHS, experiment_drift
 from rslib.pipeline.locks import LockHeld, lock_for_rank, sigterm_as_interrupt
-from rslib.pipeline.runner import (
-    LockPolicy,
-    RunError,
-    RunReport,
-    format_plan,
-    plan,
-    resolved_params_text,
-    run_file,
-)
 from rslib.pipeline.stage import STAGES
 from rslib.pipeline.status import experiment_status, folder_experiments, format_status
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
 
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="rslib", description="Validate and run rslib experiments and studies (YAML files -> notebooks)."
-    )
+        prog="rslib", description="Validate and run rslib experiments and studies (YAML files -> notebooks).")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    def command(name: str, text: str, description: str | None = None) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=text, description=description or text)
+
+    def overrides(sub: argparse.ArgumentParser, text: str = "override a parameter, as for rslib run") -> None:
+        sub.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=text)
+
     def add(name: str, text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=text, description=text)
+        sub = command(name, text)
         sub.add_argument("params", help="experiment or study YAML file, e.g. params/demo.yaml")
-        sub.add_argument(
-            "-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-            help="override a parameter (dotted key, YAML value), e.g. -p certify.n=1000; in a study it "
-                 "applies to every experiment that has the section",
-        )
+        overrides(sub, "override a parameter (dotted key, YAML value), e.g. -p certify.n=1000; in a study it "
+                       "applies to every experiment that has the section")
         sub.add_argument("--only", metavar="A,B",
                          help="comma-separated stages to consider (studies also: cert_plots, adv_plots, plots)")
-        sub.add_argument("--shard", metavar="I/N", default="1/1",
-                         help="studies: run only the I-th of N parts of the experiments (1-based); "
-                              "dependency chains stay in one part")
+        sub.add_argument("--shard", metavar="I/N", default="1/1", help="studies: run only the I-th of N parts of "
+                         "the experiments (1-based); dependency chains stay in one part")
         sub.add_argument("--output-root", default="outputs", metavar="DIR",
                          help="where experiment and study folders go (default: outputs)")
         sub.add_argument("--notebooks-dir", metavar="DIR",
                          help="stage notebooks folder (default: the checkout's notebooks/)")
         return sub
 
-    resolve = commands.add_parser(
-        "resolve", help="print one experiment's resolved parameters (for torchrun -m rslib stage ...)",
-        description="Print the resolved parameters of an experiment file, or of one experiment of a study, "
-                    "as YAML with absolute paths: the file `torchrun ... -m rslib stage train|certify|attack` "
-                    "takes.")
+    resolve = command("resolve", "print one experiment's resolved parameters (for torchrun -m rslib stage ...)",
+                      "Print the resolved parameters of an experiment file, or of one experiment of a study, as "
+                      "YAML with absolute paths: the file `torchrun ... -m rslib stage train|certify|attack` takes.")
     resolve.add_argument("params", help="experiment or study YAML file")
     resolve.add_argument("experiment", nargs="?", help="the experiment's name (studies only)")
-    resolve.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a parameter, as for rslib run")
-    stage = commands.add_parser(
-        "stage", help="run one stage of one experiment in this process (under torchrun: on every rank)",
-        description="Run the train, certify or attack stage of one experiment directly, without notebooks: "
+    overrides(resolve)
+    stage = command("stage", "run one stage of one experiment in this process (under torchrun: on every rank)",
+                    "Run the train, certify or attack stage of one experiment directly, without notebooks: "
                     "torchrun --nproc_per_node N -m rslib stage certify EXPERIMENT.yaml")
     stage.add_argument("stage", choices=[name for name, s in STAGES.items() if s.compute is not None],
                        help="the stage to run")
     stage.add_argument("params", help="experiment YAML file (for a study: rslib resolve STUDY NAME > FILE)")
-    stage.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a parameter, as for rslib run")
+    overrides(stage)
     stage.add_argument("--output-dir", default=None, help="default: outputs/<experiment>")
     stage.add_argument("--no-progress", action="store_true", help="no progress bars")
-    imported = commands.add_parser(
+    imported = command(
         "import-checkpoint",
-        help="convert a released checkpoint (Cohen et al., SmoothAdv, rs4a, HeatSmoothing) into an rslib checkpoint",
-        description="Convert a released checkpoint into an rslib checkpoint (normalization inside, provenance "
-                    "recorded) usable as certify.checkpoint, attack.checkpoint or train.heat_base.")
+        "convert a released checkpoint (Cohen et al., SmoothAdv, rs4a, HeatSmoothing) into an rslib checkpoint",
+        "Convert a released checkpoint into an rslib checkpoint (normalization inside, provenance recorded) "
+        "usable as certify.checkpoint, attack.checkpoint or train.heat_base.")
     imported.add_argument("src", help="the released file, e.g. models/cifar10/resnet110/noise_0.25/checkpoint.pth.tar")
     imported.add_argument("dst", help="the rslib checkpoint to write, e.g. pretrained/cohen_cifar10_0.25.pt")
     imported.add_argument("--source", choices=SOURCES,
@@ -103,21 +89,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force-unlock", action="store_true",
                      help="take the lock of a live run (only when you are sure it is dead, e.g. on a host that is "
                           "gone); a lock whose process is gone is taken over without it")
-    status = commands.add_parser(
-        "status", help="per experiment and stage: finished, running (by whom, since when, rows done), failed "
-                       "(why) or not started",
-        description="Show the state of every stage of an experiment or study file, or of every experiment "
-                    "folder under --output-root when no file is given. Reads only; takes no lock.")
+    status = command("status", "per experiment and stage: finished, running (by whom, since when, rows done), "
+                               "failed (why) or not started",
+                     "Show the state of every stage of an experiment or study file, or of every experiment folder "
+                     "under --output-root when no file is given. Reads only; takes no lock.")
     status.add_argument("params", nargs="?", help="experiment or study YAML file (default: every folder found)")
-    status.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a parameter, as for rslib run")
+    overrides(status)
     status.add_argument("--output-root", default="outputs", metavar="DIR", help="default: outputs")
     status.add_argument("--notebooks-dir", metavar="DIR", help="stage notebooks folder (default: the checkout's)")
-    drift = commands.add_parser(
-        "heat-drift", help="which Gaussian a heat experiment's averaged models approximate, step by step",
-        description="For a finished heat experiment folder: distance of each step's softmax to Monte-Carlo "
-                    "Gaussian averages of its base at a grid of widths, the closest width, accuracy and the "
-                    "Jacobian penalty; writes results/heat_drift.csv and heat_drift.json (see rslib.pipeline.heat_drift).")
+    drift = command("heat-drift", "which Gaussian a heat experiment's averaged models approximate, step by step",
+                    "For a finished heat experiment folder: distance of each step's softmax to Monte-Carlo Gaussian "
+                    "averages of its base at a grid of widths, the closest width, accuracy and the Jacobian "
+                    "penalty; writes results/heat_drift.csv and heat_drift.json (see rslib.pipeline.heat_drift).")
     drift.add_argument("folder", help="the heat experiment's folder, e.g. outputs/mnist_heat_cpu/heat_seed")
     drift.add_argument("--images", type=int, default=1000, help="test images (default 1000)")
     drift.add_argument("--skip", type=int, default=10, help="every skip-th test image (default 10)")
@@ -147,7 +130,7 @@ def _only(text: str | None) -> list[str] | None:
     return None if text is None else [s.strip() for s in text.split(",") if s.strip()]
 
 
-def _stage_lines(report: RunReport, indent: str = "  ") -> list[str]:
+def _stage_lines(report: runner.RunReport, indent: str = "  ") -> list[str]:
     lines = []
     for s in report.stages:
         line = f"{indent}{s.name}: {s.status}"
@@ -161,7 +144,7 @@ def _stage_lines(report: RunReport, indent: str = "  ") -> list[str]:
     return lines
 
 
-def _summary(report: RunReport) -> str:
+def _summary(report: runner.RunReport) -> str:
     return "\n".join([f"summary ({report.output_dir}):", *_stage_lines(report)])
 
 
@@ -184,10 +167,8 @@ def _study_summary(report: study.StudyReport) -> str:
         lines += ["  plots:", *_stage_lines(report.plots, "    ")]
     if report.plots_note:
         lines.append(f"  {report.plots_note}")
-    produced = study.produced_files(report.output_dir)
-    if produced:
-        lines.append("figures and tables:")
-        lines += [f"  {_shown(p)}" for p in produced]
+    if produced := study.produced_files(report.output_dir):
+        lines += ["figures and tables:", *(f"  {_shown(p)}" for p in produced)]
     if report.ok:
         lines.append("all stages finished")
     elif report.held and not report.blocked and all(r is None or r.ok for r in report.experiments.values()):
@@ -209,12 +190,12 @@ def _status(args: argparse.Namespace, overrides: dict) -> int:
         out = study.study_dir(loaded, root)
         rows = [s for e in loaded.experiments for s in experiment_status(
             e.name, out / e.name, e.experiment.stages,
-            plan(e.experiment, None, False, out, args.notebooks_dir, loaded.salts[e.name]))]
+            runner.plan(e.experiment, None, False, out, args.notebooks_dir, loaded.salts[e.name]))]
         rows += experiment_status(f"{loaded.name} (plots)", out, loaded.plots)
     else:
         exp = params.load(args.params, **overrides)
         rows = experiment_status(exp.experiment, layout.experiment_dir(exp.experiment, root), exp.stages,
-                                 plan(exp, None, False, root, args.notebooks_dir))
+                                 runner.plan(exp, None, False, root, args.notebooks_dir))
     print(format_status(rows))
     return EXIT_OK
 
@@ -238,8 +219,8 @@ def _run_study(args: argparse.Namespace, overrides: dict, only: list[str] | None
     return EXIT_FAILED if failed or (report.plots is not None and not report.plots.ok) else EXIT_INVALID
 
 
-def _lock_policy(args: argparse.Namespace) -> LockPolicy:
-    return LockPolicy(wait=args.wait, force=args.force_unlock)
+def _lock_policy(args: argparse.Namespace) -> runner.LockPolicy:
+    return runner.LockPolicy(wait=args.wait, force=args.force_unlock)
 
 
 def _resolve(path: str, name: str | None, overrides: dict) -> str:
@@ -254,7 +235,7 @@ def _resolve(path: str, name: str | None, overrides: dict) -> str:
         if name is not None:
             raise params.ParamsError(f"{path} is one experiment; drop the name {name!r}")
         exp, note = params.load(path, **overrides), ""
-    return resolved_params_text(params.with_absolute_paths(exp), note)
+    return runner.resolved_params_text(params.with_absolute_paths(exp), note)
 
 
 def _run_stage(name: str, path: str, overrides: dict, output_dir: str | None, progress: bool) -> int:
@@ -297,14 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with sigterm_as_interrupt():
             return _command(args)
-    except (params.ParamsError, RunError) as err:
+    except (params.ParamsError, runner.RunError, PermissionError) as err:
         print(f"rslib: error: {err}", file=sys.stderr)
         return EXIT_INVALID
     except LockHeld as held:
         print(f"rslib: {held}", file=sys.stderr)
-        return EXIT_INVALID
-    except PermissionError as err:
-        print(f"rslib: error: {err}", file=sys.stderr)
         return EXIT_INVALID
 
 
@@ -328,13 +306,11 @@ def _command(args: argparse.Namespace) -> int:
                                  "whose stages run in order")
     if args.command == "validate":
         exp = params.load(args.params, **overrides)
-        planned = plan(exp, only, False, args.output_root, args.notebooks_dir)
-        print(format_plan(exp, planned, layout.experiment_dir(exp.experiment, args.output_root)))
+        planned = runner.plan(exp, only, False, args.output_root, args.notebooks_dir)
+        print(runner.format_plan(exp, planned, layout.experiment_dir(exp.experiment, args.output_root)))
         return EXIT_OK
-    report = run_file(
-        args.params, only=only, overrides=overrides, force=args.force,
-        output_root=args.output_root, notebooks_dir=args.notebooks_dir, progress=sys.stderr.isatty(),
-        lock=_lock_policy(args),
-    )
+    report = runner.run_file(args.params, only=only, overrides=overrides, force=args.force,
+                             output_root=args.output_root, notebooks_dir=args.notebooks_dir,
+                             progress=sys.stderr.isatty(), lock=_lock_policy(args))
     print(_summary(report))
     return EXIT_OK if report.ok else EXIT_FAILED

@@ -6,9 +6,8 @@ time (random rows shaped like ``x``, eval mode; see :func:`measure`), then from 
 (``$RSLIB_CACHE_DIR/autotune`` or the user cache dir) and from memory. An integer batch size or an
 explicit memory format overrides the measurement; with both given nothing is measured. The model runs
 in the chosen format inside ``with memory_format(model, choice.channels_last)``; ``with tuned(model, x)
-as choice`` does both, and :func:`in_format` puts a batch of inputs in the chosen layout.
-
-Every Monte-Carlo loop of rslib uses it by default (``batch_size="auto"``): ``Smooth.certify`` and
+as choice`` does both, and :func:`in_format` puts a batch of inputs in the chosen layout. Every
+Monte-Carlo loop of rslib uses it by default (``batch_size="auto"``): ``Smooth.certify`` and
 ``Smooth.predict``, the attacks' judges and ``certify.soft_average``.
 
 The cache key holds the architecture (module classes, parameter and buffer shapes and dtypes, not the
@@ -191,16 +190,12 @@ def memory_format(model: nn.Module, channels_last: bool) -> Iterator[None]:
 
 # --------------------------------------------------------------------------- measurement
 
-
 def measure(model: nn.Module, example: torch.Tensor, sizes: Sequence[int], formats: Sequence[bool], *,
-            autocast: torch.dtype | None = None, grad: bool = False,
-            time_budget: float = TIME_BUDGET_S) -> list[Trial]:
+            autocast: torch.dtype | None = None, grad: bool = False, time_budget: float = TIME_BUDGET_S) -> list[Trial]:
     """Throughput (images/s) per (batch size, memory format) of the model's forward in eval and inference
-    mode (with ``grad``: forward and input gradient, in eval mode), net of ``CHUNK_OVERHEAD_S``.
-
-    A sweep (:func:`_sweep`) in ``SWEEP_SHARE`` of ``time_budget``, then :func:`_confirm` in the rest.
-    The model's layout is switched and restored for each measurement.
-    """
+    mode (with ``grad``: forward and input gradient, in eval mode), net of ``CHUNK_OVERHEAD_S``: a sweep
+    (:func:`_sweep`) in ``SWEEP_SHARE`` of ``time_budget``, then :func:`_confirm` in the rest. The model's
+    layout is switched and restored for each measurement."""
     start = time.perf_counter()
     timers = {last: _timer(model, example, last, autocast, grad) for last in formats}
 
@@ -308,7 +303,6 @@ def _best(trials: Sequence[Trial], key: str, sizes: Sequence[int]) -> Choice:
 
 # --------------------------------------------------------------------------- cache
 
-
 def cache_dir() -> Path:
     """Folder of cached choices: ``autotune`` beside the radius tables' folder."""
     return tables_cache_dir().parent / "autotune"
@@ -339,12 +333,11 @@ def device_name(device: torch.device) -> str:
 def cache_key(model: nn.Module, example: torch.Tensor, sizes: Sequence[int], formats: Sequence[bool],
               autocast: torch.dtype | None, grad: bool = False) -> str:
     """Canonical JSON key of a choice (see the module docstring)."""
-    spec = {"format": CACHE_FORMAT, "model": model_fingerprint(model), "input": list(example.shape[1:]),
-            "dtype": str(example.dtype), "autocast": None if autocast is None else str(autocast), "grad": grad,
-            "device": example.device.type, "device_name": device_name(example.device),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "sizes": list(sizes), "formats": list(formats)}
-    return canonical_json(spec)
+    return canonical_json({
+        "format": CACHE_FORMAT, "model": model_fingerprint(model), "input": list(example.shape[1:]),
+        "dtype": str(example.dtype), "autocast": None if autocast is None else str(autocast), "grad": grad,
+        "device": example.device.type, "device_name": device_name(example.device), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "sizes": list(sizes), "formats": list(formats)})
 
 
 def _load(path: Path, key: str, sizes: Sequence[int], formats: Sequence[bool]) -> Choice | None:

@@ -20,15 +20,11 @@ model always sees full batches, and memory does not grow with ``n``. Their size 
 the model's memory format are measured once per model, input shape, device and dtype by
 ``rslib.core.autotune`` unless given (``batch_size="auto"`` is every loop's default).
 
-This module is the one home of the Monte-Carlo smoothed classifier, hard and soft:
-
-- :func:`noisy_batches` -- the packed loop over the ``B * num`` (input, draw) rows, filled in place
-  into one reused buffer; :func:`vote_counts` counts the base classifier's votes over it (``Smooth``,
-  the attacks' majority-vote judge) and :func:`soft_average` averages its softmax or logits (the
-  Gaussian average a heat-smoothed model approximates);
-- :func:`mean_softmax_log` -- ``log mean_j softmax(f(x + delta_j))`` from the logits of consecutive
-  draws: the smoothed soft classifier of :func:`smoothed` (attacks, L-bound statistics) and the
-  training objectives (direct likelihood, SmoothAdv).
+This module is the one home of the Monte-Carlo smoothed classifier, hard and soft: the packed loop
+:func:`noisy_batches`, with :func:`vote_counts` (``Smooth``, the attacks' majority-vote judge) and
+:func:`soft_average` (the Gaussian average a heat-smoothed model approximates) over it, and
+:func:`mean_softmax_log`, the smoothed soft classifier of :func:`smoothed` (attacks, L-bound statistics)
+and of the training objectives (direct likelihood, SmoothAdv).
 """
 
 from __future__ import annotations
@@ -36,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -58,10 +54,9 @@ SOURCE_COLUMNS = ["source_l1", "source_l2", "source_linf"]
 # The class (top of the selected set) chosen from the n0 draws, and whether the label is in that set:
 # with them, recertify() can re-derive predictions and correctness from counts alone.
 SELECTION_COLUMNS = ["selected", "in_selection"]
-# Sequential certification only (radii_of_interest given): the number of looks K, the 1-based look
-# at which the input stopped, and the requested maximum of estimation draws. There, ``n`` is the
-# number of draws used and ``alpha`` the per-look level (overall level / K), so recertify() and
-# every reader of (count_top, n, alpha) reproduce ``prob_lb`` unchanged.
+# Sequential certification only (radii_of_interest given): the number of looks K, the 1-based stopping look
+# and the requested maximum of estimation draws. There ``n`` is the number of draws used and ``alpha`` the
+# per-look level (overall / K), so recertify() and every reader of (count_top, n, alpha) reproduce ``prob_lb``.
 SEQUENTIAL_COLUMNS = ["looks", "stop_look", "n_max"]
 _SELECTION, _ESTIMATION, _PREDICTION = 0, 1, 2
 
@@ -106,12 +101,9 @@ class Certificate:
         return self.looks is not None
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per input: ``COLUMNS``, the norm each radius came from, the selection, and
-        ``SEQUENTIAL_COLUMNS`` when sequential."""
-        columns = frame_columns(self.sequential)
-        frame = pd.DataFrame({name: getattr(self, name) for name in columns})
-        for column in ("label", "correct", "in_selection"):
-            frame[column] = frame[column].astype("Int64" if column == "label" else "boolean")
+        """One row per input, with the columns :func:`frame_columns`; no label (-1): label columns missing."""
+        frame = pd.DataFrame({name: getattr(self, name) for name in frame_columns(self.sequential)})
+        frame = frame.astype({"label": "Int64", "correct": "boolean", "in_selection": "boolean"})
         frame.loc[frame["label"] < 0, ["label", "correct", "in_selection"]] = pd.NA
         return frame
 
@@ -155,8 +147,7 @@ def look_sizes(n: int, looks: int) -> list[int]:
 
 
 def parse_radii(radii_of_interest: Mapping[Any, Any]) -> dict[float, np.ndarray]:
-    """``{norm: sorted radii}`` from ``{norm: [r1, ...]}``: norms 1, 2, inf or 'l1', 'l2', 'linf';
-    radii finite and >= 0."""
+    """``{norm: sorted radii}`` of ``{norm: [r1, ...]}`` (norms 1, 2, inf or 'l1', 'l2', 'linf'; finite radii >= 0)."""
     if not isinstance(radii_of_interest, Mapping) or not radii_of_interest:
         raise ValueError(f"radii_of_interest must be a non-empty mapping {{norm: [radius, ...]}}; "
                          f"got {radii_of_interest!r}")
@@ -210,14 +201,11 @@ def sequential_counts(draw: Draw, chosen: np.ndarray, sizes: Sequence[int],
     """
     counts = np.zeros(chosen.shape, dtype=np.int64)
     stop_look = np.zeros(len(chosen), dtype=np.int64)
-    active, previous = np.arange(len(chosen)), 0
-    for look, size in enumerate(sizes, start=1):
+    active = np.arange(len(chosen))
+    for look, (previous, size) in enumerate(zip([0, *sizes], sizes, strict=False), start=1):
         counts[active] += draw(active, size - previous)
-        previous = size
-        if look == len(sizes):
-            stop = np.ones(len(active), dtype=bool)
-        else:
-            stop = np.asarray(settled(active, (counts[active] * chosen[active]).sum(1), size), dtype=bool)
+        stop = (np.ones(len(active), dtype=bool) if look == len(sizes)
+                else np.asarray(settled(active, (counts[active] * chosen[active]).sum(1), size), dtype=bool))
         stop_look[active[stop]] = look
         active = active[~stop]
         if not len(active):
@@ -242,8 +230,7 @@ def noisy_batches(x: torch.Tensor, num: int, batch_size: int,
     if num < 1 or batch_size < 1:
         raise ValueError(f"the number of draws and batch_size must be >= 1; got {num} and {batch_size}")
     batch, device = x.shape[0], x.device
-    flat = x.reshape(batch, -1)
-    total = batch * num
+    flat, total = x.reshape(batch, -1), batch * num
     buffer = torch.empty(min(batch_size, total), flat.shape[1], device=device, dtype=flat.dtype)
     for start in range(0, total, batch_size):
         stop = min(start + batch_size, total)
@@ -279,18 +266,16 @@ def vote_counts(logits_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
 def soft_average(model: nn.Module, x: torch.Tensor, noise: Noise, num: int, *,
                  batch_size: int | str = autotune.AUTO, generator: torch.Generator | None = None,
                  output: Literal["softmax", "logits"] = "softmax") -> torch.Tensor:
-    """Monte-Carlo estimate of ``E[softmax(model(x + delta))]`` (or of the logits), shape ``(B, K)``:
-    the smoothed soft classifier.
+    """Monte-Carlo estimate of ``E[softmax(model(x + delta))]`` (or of the logits), shape ``(B, K)``: the
+    smoothed soft classifier, the Gaussian average that a heat-smoothed model approximates (Gaussian ``noise``).
 
     ``num`` draws per input from ``generator``, evaluated in eval mode without gradients in chunks of
     ``batch_size`` rows (``"auto"``: see ``rslib.core.autotune``), averaged in float64 and returned in the
-    model's output dtype: the Gaussian average that a heat-smoothed model approximates, when ``noise``
-    is Gaussian.
+    model's output dtype.
     """
     if output not in ("softmax", "logits"):
         raise ValueError(f"output must be 'softmax' or 'logits'; got {output!r}")
     total: torch.Tensor | None = None
-    dtype = x.dtype
     with torch.no_grad(), eval_mode(model), autotune.tuned(model, x, batch_size=batch_size) as choice:
         perturb = perturb_with(noise, [generator] * len(x))
         for owners, noisy in noisy_batches(x, num, choice.batch_size, perturb):
@@ -318,11 +303,7 @@ class SmoothedSoftClassifier(nn.Module):
         super().__init__()
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"m (number of noise draws) must be an integer >= 1; got {m!r}")
-        self.model = model
-        self.noise = noise
-        self.m = m
-        self.fresh = fresh
-        self.generator = generator
+        self.model, self.noise, self.m, self.fresh, self.generator = model, noise, m, fresh, generator
         self._fixed: dict[tuple, torch.Tensor] = {}
 
     def resample(self) -> None:
@@ -343,8 +324,7 @@ class SmoothedSoftClassifier(nn.Module):
         return self._fixed[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, shape = x.shape[0], x.shape[1:]
-        noisy = (x.unsqueeze(1) + self.draws(x)).reshape(batch * self.m, *shape)
+        noisy = (x.unsqueeze(1) + self.draws(x)).reshape(x.shape[0] * self.m, *x.shape[1:])
         return mean_softmax_log(self.model(noisy), self.m)
 
     def extra_repr(self) -> str:
@@ -374,25 +354,16 @@ def smoothed(model: nn.Module, noise: Noise, m: int, fresh: bool = True,
 
 # --------------------------------------------------------------------------- Smooth
 
-
 class Smooth:
     """Monte-Carlo smoothed classifier around ``model`` with ``noise`` (any rslib noise)."""
 
     def __init__(self, model: nn.Module, noise: Noise, num_classes: int, *, seed: int = 0,
                  autocast: torch.dtype | None = None, channels_last: bool | None = None) -> None:
-        """``channels_last``: run the model in that memory format (``None``: measured, see ``rslib.core.autotune``).
-
-        ``predict`` and ``certify`` evaluate the noisy rows in chunks of ``batch_size`` rows per forward:
-        ``"auto"`` (default) measures the fastest size once per model, input shape, device and dtype
-        (cached on disk; :attr:`choice` holds the last one used, ``choice.metadata()`` describes it);
-        an integer wins.
-        """
-        self.model = model.eval()
-        self.noise = noise
-        self.num_classes = num_classes
-        self.seed = seed
-        self.autocast = autocast
-        self.channels_last = channels_last
+        """``channels_last``: the model's memory format; ``batch_size`` of ``predict`` and ``certify``: noisy
+        rows per forward. ``None`` / ``"auto"`` (the defaults): measured by ``rslib.core.autotune`` (cached on
+        disk); :attr:`choice` holds the last choice used (``choice.metadata()`` describes it)."""
+        self.model, self.noise, self.num_classes, self.seed = model.eval(), noise, num_classes, seed
+        self.autocast, self.channels_last = autocast, channels_last
         self.choice: autotune.Choice | None = None
 
     @contextmanager
@@ -405,10 +376,8 @@ class Smooth:
 
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
         batch = autotune.in_format(batch, self.choice is not None and self.choice.channels_last)
-        if self.autocast is not None:
-            with torch.autocast(batch.device.type, dtype=self.autocast):
-                return self.model(batch)
-        return self.model(batch)
+        with torch.autocast(batch.device.type, dtype=self.autocast) if self.autocast is not None else nullcontext():
+            return self.model(batch)
 
     def _check_classes(self, counts: torch.Tensor) -> torch.Tensor:
         if counts.shape[1] != self.num_classes:
@@ -443,9 +412,7 @@ class Smooth:
         counts = self.sample_counts(x, n, batch_size, indices, _PREDICTION).cpu()
         top2 = counts.topk(2, dim=1)
         abstain = should_abstain(top2.values[:, 0].numpy(), top2.values[:, 1].numpy(), alpha)
-        labels = top2.indices[:, 0].clone()
-        labels[torch.as_tensor(np.asarray(abstain))] = ABSTAIN
-        return labels.to(x.device)
+        return torch.where(torch.as_tensor(np.asarray(abstain)), ABSTAIN, top2.indices[:, 0]).to(x.device)
 
     def certify(self, x: torch.Tensor, y: torch.Tensor | None = None, n0: int = 100, n: int = 100_000,
                 alpha: float = 0.001, batch_size: int | str = autotune.AUTO, topk: int = 1,
@@ -456,16 +423,16 @@ class Smooth:
         With ``topk > 1`` the certified event is "the label is in the top-k set selected from the
         ``n0`` draws": ``count_top`` is the estimation count of that set and ``prediction`` its top class.
 
-        Sequential certification, with ``radii_of_interest={norm: [r1, ...]}`` (norms 1, 2, inf or
-        'l1', 'l2', 'linf'): the estimation draws come in ``looks = K`` looks of cumulative sizes
-        ``n_1 < ... < n_K = n`` (:func:`look_sizes`). At each look, the Clopper-Pearson lower and upper
-        bounds ``L_k <= U_k`` at level ``alpha / K`` of the selected class's probability ``p`` are
-        computed; an input stops at the first look where the radii of interest certified at ``L_k``
-        equal those at ``U_k`` (this includes ``U_k <= 1/2``: certain to abstain) or where its
-        selection misses its label (it counts at no radius), and at look K otherwise. Its row reports
-        ``prob_lb = L_k`` at the stopping look, ``n`` = the draws used, ``alpha`` = ``alpha / K``,
-        and ``SEQUENTIAL_COLUMNS``; with K = 1 it is the fixed-n certificate at ``alpha``. The batch's
-        estimation time is shared out in ``seconds_certify`` in proportion to the draws used.
+        Sequential certification, with ``radii_of_interest={norm: [r1, ...]}`` (:func:`parse_radii`): the
+        estimation draws come in ``looks = K`` looks of cumulative sizes ``n_1 < ... < n_K = n``
+        (:func:`look_sizes`). At each look, the Clopper-Pearson lower and upper bounds ``L_k <= U_k`` at
+        level ``alpha / K`` of the selected class's probability ``p`` are computed; an input stops at the
+        first look where the radii of interest certified at ``L_k`` equal those at ``U_k`` (this includes
+        ``U_k <= 1/2``: certain to abstain) or where its selection misses its label (it counts at no
+        radius), and at look K otherwise. Its row reports ``prob_lb = L_k`` at the stopping look, ``n`` =
+        the draws used, ``alpha`` = ``alpha / K``, and ``SEQUENTIAL_COLUMNS``; with K = 1 it is the fixed-n
+        certificate at ``alpha``. The batch's estimation time is shared out in ``seconds_certify`` in
+        proportion to the draws used.
 
         Soundness (whatever the stopping rule): given the selection (independent n0 draws), ``p`` is
         fixed and the estimation draws of an input form one i.i.d. stream, of which look k sees the
@@ -528,9 +495,7 @@ def recertify(table: pd.DataFrame, noise: Noise, alpha: float | None = None) -> 
     if alpha is not None:
         table["alpha"] = alpha / table["looks"] if "looks" in table else alpha
     prob_lb = clopper_pearson_lower(table["count_top"].to_numpy(), table["n"].to_numpy(), table["alpha"].to_numpy())
-    table["prob_lb"] = prob_lb
-    for column, values in radii_frame(np.atleast_1d(prob_lb), noise).items():
-        table[column] = values
+    table = table.assign(prob_lb=prob_lb, **radii_frame(np.atleast_1d(prob_lb), noise))
     certified = table["prob_lb"] > 0.5
     table["prediction"] = table["selected"].where(certified, ABSTAIN)
     table["correct"] = table["in_selection"].astype("boolean") & certified

@@ -50,19 +50,16 @@ __all__ = ["COLUMNS", "LBOUND_COLUMNS", "DeterministicResult", "deterministic_ce
            "lbound_rows", "test_statistics"]
 
 COLUMNS = ["idx", "label", "prediction", "rank", "correct_top1", "correct_topk", "prob_top1", "margin_top1",
-           "margin_topk", "label_margin", "grad_l2", "grad_l1", "logit_margin", "logit_grad_l2",
-           "logit_grad_l1", "first_order_l2", "first_order_linf", "lbound", "lbound_topk", "sigma",
-           "topk", "draws"]
+           "margin_topk", "label_margin", "grad_l2", "grad_l1", "logit_margin", "logit_grad_l2", "logit_grad_l1",
+           "first_order_l2", "first_order_linf", "lbound", "lbound_topk", "sigma", "topk", "draws"]
 _DISCRETE = ("prediction", "rank", "correct_top1", "correct_topk")
 #: Columns of :func:`lbound_rows` (``radius`` is the approximate l2 L-bound).
 LBOUND_COLUMNS = ["idx", "label", "prediction", "margin", "radius", "correct", "seconds", "norm", "approximate"]
 
 
 def lbound_radius(margin, sigma: float):
-    """HeatSmoothing's APPROXIMATE l2 radius ``sigma * sqrt(pi/2) * margin`` (``margin``: softmax margin,
-    a float, array or Series). It holds for an exact Gaussian average at ``sigma`` of a classifier with
-    outputs in [0, 1], whose margin is then ``sqrt(2/pi) / sigma``-Lipschitz; a trained averaged network
-    only approximates one."""
+    """HeatSmoothing's APPROXIMATE l2 radius ``sigma * sqrt(pi/2) * margin`` of a softmax margin (a float,
+    array or Series); approximate as explained in the module docstring (``lbound``)."""
     return sigma * math.sqrt(math.pi / 2) * margin
 
 
@@ -83,13 +80,9 @@ class DeterministicResult:
 
 @torch.inference_mode()
 def deterministic_certify(model: nn.Module, x: torch.Tensor, sigma: float, topk: int = 1) -> DeterministicResult:
-    """HeatSmoothing's L-bound: ``R = sigma * sqrt(pi/2) * margin`` of the softmax outputs.
-
-    APPROXIMATE: it holds for an exact Gaussian average with outputs in [0, 1], which a trained
-    averaged network only approximates. ``margin`` is ``p_(k) - p_(k+1)`` (top-1: top minus runner-up).
-    For a rigorous certificate, smooth the same model with ``rslib.core.certify.Smooth`` and Gaussian noise
-    at ``sigma``.
-    """
+    """HeatSmoothing's APPROXIMATE L-bound :func:`lbound_radius` of ``margin = p_(k) - p_(k+1)`` (top-1: top
+    minus runner-up). For a rigorous certificate, smooth the same model with ``rslib.core.certify.Smooth``
+    and Gaussian noise at ``sigma``."""
     tic = time.perf_counter()
     probs = torch.softmax(model.eval()(x), dim=1)
     ordered = probs.topk(topk + 1, dim=1)
@@ -102,10 +95,8 @@ def deterministic_certify(model: nn.Module, x: torch.Tensor, sigma: float, topk:
 
 def lbound_rows(model: nn.Module, x: Tensor, y: Tensor, indices: Sequence[int], sigma: float, topk: int,
                 warm_up: bool = False) -> pd.DataFrame:
-    """The L-bound table (:data:`LBOUND_COLUMNS`) of one batch: one clean forward, ``seconds`` per image.
-
-    ``warm_up``: run one untimed pass first (the first call of a process pays one-off costs).
-    """
+    """The L-bound table (:data:`LBOUND_COLUMNS`) of one batch: one clean forward, ``seconds`` per image;
+    ``warm_up``: run one untimed pass first (the first call of a process pays one-off costs)."""
     if warm_up:
         deterministic_certify(model, x, sigma, topk)
     result = deterministic_certify(model, x, sigma, topk)
@@ -115,50 +106,35 @@ def lbound_rows(model: nn.Module, x: Tensor, y: Tensor, indices: Sequence[int], 
                          "seconds": result.seconds, "norm": "l2", "approximate": True})[LBOUND_COLUMNS]
 
 
-def _log_probs(model: nn.Module, x: Tensor, noise: Noise | None, draws: int,
-               generator: torch.Generator | None) -> Tensor:
-    """log p(x): log-softmax of the model, or log of the mean softmax over ``draws`` noise draws."""
-    if noise is None:
-        return torch.log_softmax(model(x), dim=-1)
-    return smoothed(model, noise, draws, fresh=True, generator=generator)(x)
-
-
 def _statistics(model: nn.Module, x: Tensor, y: Tensor | None, topk: int, noise: Noise | None, draws: int,
                 generator: torch.Generator | None) -> dict[str, Tensor]:
     batch = x.shape[0]
     with torch.enable_grad():
         xg = x.detach().clone().requires_grad_(True)
-        log_p = _log_probs(model, xg, noise, draws, generator)
+        # log p(x): log-softmax of the model, or log of the mean softmax over ``draws`` noise draws
+        log_p = (torch.log_softmax(model(xg), dim=-1) if noise is None
+                 else smoothed(model, noise, draws, fresh=True, generator=generator)(xg))
         p = log_p.exp()
         ordered = p.detach().topk(topk + 1, dim=1)
         c, r = ordered.indices[:, 0], ordered.indices[:, 1]
         rows = torch.arange(batch, device=x.device)
-        prob_margin = p[rows, c] - p[rows, r]
-        (grad_p,) = torch.autograd.grad(prob_margin.sum(), xg, retain_graph=True)
+        (grad_p,) = torch.autograd.grad((p[rows, c] - p[rows, r]).sum(), xg, retain_graph=True)
         # logits: for a plain model log_softmax differs from the logits by a per-input constant,
         # so z_c - z_r == log p_c - log p_r exactly (and its input gradient too).
         logit_margin = log_p[rows, c] - log_p[rows, r]
         (grad_z,) = torch.autograd.grad(logit_margin.sum(), xg)
     flat_p, flat_z = grad_p.reshape(batch, -1), grad_z.reshape(batch, -1)
-    probs = p.detach()
-    out = {
-        "prediction": c,
-        "prob_top1": ordered.values[:, 0],
-        "margin_top1": ordered.values[:, 0] - ordered.values[:, 1],
-        "margin_topk": ordered.values[:, topk - 1] - ordered.values[:, topk],
-        "grad_l2": flat_p.norm(dim=1),
-        "grad_l1": flat_p.abs().sum(1),
-        "logit_margin": logit_margin.detach(),
-        "logit_grad_l2": flat_z.norm(dim=1),
-        "logit_grad_l1": flat_z.abs().sum(1),
-    }
+    probs, top = p.detach(), ordered.values
+    out = {"prediction": c, "prob_top1": top[:, 0], "margin_top1": top[:, 0] - top[:, 1],
+           "margin_topk": top[:, topk - 1] - top[:, topk], "grad_l2": flat_p.norm(dim=1),
+           "grad_l1": flat_p.abs().sum(1), "logit_margin": logit_margin.detach(),
+           "logit_grad_l2": flat_z.norm(dim=1), "logit_grad_l1": flat_z.abs().sum(1)}
     if y is not None:
         out["correct_top1"] = c == y
         out["correct_topk"] = (ordered.indices[:, :topk] == y[:, None]).any(1)
-        above = (probs > probs[rows, y][:, None]).sum(1)
+        out["rank"] = (probs > probs[rows, y][:, None]).sum(1)
         others = probs.clone()
         others[rows, y] = -math.inf
-        out["rank"] = above
         out["label_margin"] = probs[rows, y] - others.amax(1)
     return out
 
@@ -167,7 +143,8 @@ def test_statistics(model: nn.Module, x: Tensor, y: Tensor | Sequence[int] | Non
                     topk: int = 5, smoothed_noise: Noise | None = None, draws: int = 0,
                     generator: torch.Generator | None = None, batch_size: int = 256,
                     indices: Sequence[int] | np.ndarray | None = None) -> pd.DataFrame:
-    """Per-input margins, margin-gradient norms and the (approximate) L-bound; see the module docstring.
+    """Per-input margins, margin-gradient norms and the (approximate) L-bound: one row per input with the
+    columns :data:`COLUMNS` (see the module docstring).
 
     Args:
         model: returns logits; evaluated in eval mode (modes restored); parameters' ``.grad`` untouched.
@@ -180,17 +157,13 @@ def test_statistics(model: nn.Module, x: Tensor, y: Tensor | Sequence[int] | Non
         generator: source of the draws (on ``x``'s device).
         batch_size: inputs per forward (each costs ``draws`` rows when smoothed).
         indices: the ``idx`` column (default ``0 .. B-1``).
-
-    Returns:
-        A DataFrame with the columns :data:`COLUMNS`, one row per input.
     """
     if (smoothed_noise is None) != (draws == 0):
         raise ValueError("give smoothed_noise together with draws >= 1 (or neither); "
                          f"got smoothed_noise={smoothed_noise!r}, draws={draws!r}")
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 0:
-        raise ValueError(f"draws must be an integer >= 0; got {draws!r}")
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-        raise ValueError(f"topk must be an integer >= 1; got {topk!r}")
+    for name, value, low in (("draws", draws, 0), ("topk", topk, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
     if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma >= 0):
         raise ValueError(f"sigma must be a finite number >= 0; got {sigma!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -203,13 +176,12 @@ def test_statistics(model: nn.Module, x: Tensor, y: Tensor | Sequence[int] | Non
         raise ValueError(f"y must have one label per input ({batch}); got {labels.shape[0]}")
     parts: list[dict[str, Tensor]] = []
     with eval_mode(model):
+        with torch.no_grad():
+            classes = model(x[:1]).shape[-1]
+        if not topk < classes:
+            raise ValueError(f"topk must be < the number of classes ({classes}); got {topk}")
         for start in range(0, batch, batch_size):
-            stop = min(start + batch_size, batch)
-            if start == 0:
-                with torch.no_grad():
-                    classes = model(x[:1]).shape[-1]
-                if not topk < classes:
-                    raise ValueError(f"topk must be < the number of classes ({classes}); got {topk}")
+            stop = start + batch_size
             parts.append(_statistics(model, x[start:stop], None if labels is None else labels[start:stop],
                                      topk, smoothed_noise, draws, generator))
     cols = {key: torch.cat([part[key] for part in parts]).detach().cpu() for key in parts[0]}
@@ -217,32 +189,18 @@ def test_statistics(model: nn.Module, x: Tensor, y: Tensor | Sequence[int] | Non
     idx = np.arange(batch) if indices is None else np.asarray(indices, dtype=np.int64)
     if len(idx) != batch:
         raise ValueError(f"indices must have length {batch}; got {len(idx)}")
-    frame = pd.DataFrame({"idx": idx})
-    if labels is None:
-        frame["label"] = pd.array([pd.NA] * batch, dtype="Int64")
-        frame["prediction"] = cols["prediction"]
-        frame["rank"] = pd.array([pd.NA] * batch, dtype="Int64")
-        for key in ("correct_top1", "correct_topk"):
-            frame[key] = pd.array([pd.NA] * batch, dtype="boolean")
-        frame["label_margin"] = np.nan
+    if labels is None:  # the label columns are missing values
+        missing = {"label": "Int64", "rank": "Int64", "correct_top1": "boolean", "correct_topk": "boolean"}
+        cols.update({key: pd.array([pd.NA] * batch, dtype=dtype) for key, dtype in missing.items()})
+        cols["label_margin"] = np.full(batch, np.nan)
     else:
-        frame["label"] = labels.cpu().numpy()
-        frame["prediction"] = cols["prediction"]
-        frame["rank"] = cols["rank"]
-        frame["correct_top1"] = cols["correct_top1"]
-        frame["correct_topk"] = cols["correct_topk"]
-        frame["label_margin"] = cols["label_margin"]
-    for key in ("prob_top1", "margin_top1", "margin_topk", "grad_l2", "grad_l1", "logit_margin",
-                "logit_grad_l2", "logit_grad_l1"):
-        frame[key] = cols[key]
+        cols["label"] = labels.cpu().numpy()
+    frame = pd.DataFrame({"idx": idx, **cols, "sigma": float(sigma), "topk": topk, "draws": draws})
     with np.errstate(divide="ignore", invalid="ignore"):
         frame["first_order_l2"] = np.where(frame["grad_l2"] > 0, frame["margin_top1"] / frame["grad_l2"], np.inf)
         frame["first_order_linf"] = np.where(frame["grad_l1"] > 0, frame["margin_top1"] / frame["grad_l1"], np.inf)
     frame["lbound"] = lbound_radius(frame["margin_top1"], sigma)
     frame["lbound_topk"] = lbound_radius(frame["margin_topk"], sigma)
-    frame["sigma"] = float(sigma)
-    frame["topk"] = topk
-    frame["draws"] = draws
     return frame[COLUMNS]
 
 

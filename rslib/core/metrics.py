@@ -31,33 +31,31 @@ LBOUND_METHOD = "L-bound (approximate)"
 # --------------------------------------------------------------------------- certification
 
 
+def _correct(table: pd.DataFrame) -> np.ndarray:
+    """The ``correct`` column as booleans, missing (no label) counting as not correct."""
+    return table["correct"].fillna(False).to_numpy(dtype=bool)
+
 
 def certified_accuracy(table: pd.DataFrame, radii: Sequence[float] | np.ndarray, norm: str = "l2") -> np.ndarray:
     """Fraction of ALL rows (abstains count as failures) that are correct with radius >= r, per r."""
-    correct = table["correct"].fillna(False).to_numpy(dtype=bool)
-    radius = table[f"radius_{norm}"].to_numpy()
+    correct, radius = _correct(table), table[f"radius_{norm}"].to_numpy()
     radii = np.asarray(radii, dtype=float)
     return np.array([(correct & (radius >= r)).mean() if len(table) else math.nan for r in radii])
 
 
 def average_certified_radius(table: pd.DataFrame, norm: str = "l2") -> float:
     """Mean over all rows of radius * correct (ACR; abstains and errors contribute 0)."""
-    correct = table["correct"].fillna(False).to_numpy(dtype=bool)
-    return float((table[f"radius_{norm}"].to_numpy() * correct).mean()) if len(table) else math.nan
+    return float((table[f"radius_{norm}"].to_numpy() * _correct(table)).mean()) if len(table) else math.nan
 
 
-def accuracy_curves(table: pd.DataFrame, norms: Sequence[str] = NORM_LABELS,
-                    method: str = MONTE_CARLO) -> pd.DataFrame:
-    """Certified accuracy as an exact step function of the radius, per norm.
+def accuracy_curves(table: pd.DataFrame, norms: Sequence[str] = NORM_LABELS, method: str = MONTE_CARLO) -> pd.DataFrame:
+    """Certified accuracy as an exact step function of the radius (see the module conventions), per norm.
 
     Rows (method, norm, source, radius, certified_accuracy) at radius 0, at every distinct positive
-    radius of a correct row, and one point beyond the largest (accuracy 0). Between two points the
-    accuracy is that of the right one (draw with ``drawstyle='steps-pre'``). Denominators are ALL
-    rows: abstains and errors count as failures (``rslib.core.certify.certified_accuracy``). ``source``
-    lists the norms the radii were certified in (another norm than ``norm``: by norm conversion).
+    radius of a correct row, and one point beyond the largest (accuracy 0). ``source`` lists the norms
+    the radii were certified in (another norm than ``norm``: by norm conversion).
     """
-    parts = []
-    correct = table["correct"].fillna(False).to_numpy(dtype=bool)
+    parts, correct = [], _correct(table)
     for norm in norms:
         radius = table[f"radius_{norm}"].to_numpy(dtype=float)
         finite = radius[correct & (radius > 0) & np.isfinite(radius)]
@@ -72,8 +70,7 @@ def accuracy_curves(table: pd.DataFrame, norms: Sequence[str] = NORM_LABELS,
 
 def certify_summary(table: pd.DataFrame, norms: Sequence[str] = NORM_LABELS) -> pd.DataFrame:
     """Per norm: accuracy at radius 0, abstain rate, average certified radius, median and max radius."""
-    rows = []
-    correct = table["correct"].fillna(False).to_numpy(dtype=bool)
+    rows, correct = [], _correct(table)
     for norm in norms:
         radius = table[f"radius_{norm}"].to_numpy(dtype=float)[correct]
         rows.append({"norm": norm, "images": len(table),
@@ -90,8 +87,7 @@ def accuracy_table(table: pd.DataFrame, points: int = 6, norms: Sequence[str] = 
 
     Long format (norm, point, radius, certified_accuracy); ``point`` numbers the grid of each norm.
     """
-    rows = []
-    correct = table["correct"].fillna(False).to_numpy(dtype=bool)
+    rows, correct = [], _correct(table)
     for norm in norms:
         radius = table[f"radius_{norm}"].to_numpy(dtype=float)
         top = float(radius[correct & np.isfinite(radius)].max()) if correct.any() else 0.0
@@ -105,8 +101,7 @@ def certify_timing(table: pd.DataFrame, n0: int, n: int) -> dict[str, float]:
     """Seconds per image (selection with n0 draws, estimation with n draws, both) and samples/s."""
     if not len(table):
         return {}
-    predict = float(table["seconds_predict"].mean())
-    estimate = float(table["seconds_certify"].mean())
+    predict, estimate = float(table["seconds_predict"].mean()), float(table["seconds_certify"].mean())
     total = predict + estimate
     return {"seconds_predict_per_image": predict, "seconds_certify_per_image": estimate,
             "seconds_per_image": total, "images_per_second": 1.0 / total if total > 0 else math.inf,
@@ -169,11 +164,10 @@ def attack_summary(tables: Mapping[str, pd.DataFrame], norms: Sequence[str] = ("
     """
     rows = []
     for name, table in tables.items():
-        ok = table["success"].to_numpy(dtype=bool)
-        row: dict[str, Any] = {"attack": name, "images": len(table),
-                               "success_rate": float(ok.mean()) if len(table) else math.nan,
-                               "misclassified_clean": float((ok & (table["l2"].to_numpy(float) == 0)).mean())
-                               if len(table) else math.nan}
+        ok, images = table["success"].to_numpy(dtype=bool), len(table)
+        clean = float((ok & (table["l2"].to_numpy(float) == 0)).mean()) if images else math.nan
+        success = float(ok.mean()) if images else math.nan
+        row: dict[str, Any] = {"attack": name, "images": images, "success_rate": success, "misclassified_clean": clean}
         for norm in norms:
             d = table[norm].to_numpy(dtype=float)
             row[f"median_{norm}"] = float(np.median(d)) if len(d) else math.nan
@@ -192,12 +186,10 @@ def distance_cdf(tables: Mapping[str, pd.DataFrame], norm: str = "l2", end: floa
     point ``end`` (default: 1.05 times the largest successful distance of any attack; the plateau).
     Right-continuous: draw with ``drawstyle='steps-post'``.
     """
-    if end is None:
-        end = cdf_end(tables.values(), norm)
+    end = cdf_end(tables.values(), norm) if end is None else end
     parts = []
     for name, table in tables.items():
-        ok = table["success"].to_numpy(dtype=bool)
-        d = table[norm].to_numpy(dtype=float)
+        ok, d = table["success"].to_numpy(dtype=bool), table[norm].to_numpy(dtype=float)
         hits = np.sort(d[ok & np.isfinite(d)])
         grid = np.unique(np.concatenate([[0.0], hits, [end]]))
         total = len(table)
@@ -226,10 +218,8 @@ def lbound_comparison(tables: Mapping[str, pd.DataFrame], lbound: pd.DataFrame) 
     for table in tables.values():
         d = table.set_index("idx")["l2"].astype(float)
         best = d if best is None else np.minimum(best, d.reindex(best.index, fill_value=math.inf))
-    frame = lbound[["idx", "label", "correct_top1", "lbound"]].rename(columns={"correct_top1": "correct"})
-    frame = frame.copy()
-    frame["attack_l2"] = frame["idx"].map(best) if best is not None else math.inf
-    frame["attack_l2"] = frame["attack_l2"].fillna(math.inf).astype(float)
+    frame = lbound[["idx", "label", "correct_top1", "lbound"]].rename(columns={"correct_top1": "correct"}).copy()
+    frame["attack_l2"] = frame["idx"].map(best).fillna(math.inf).astype(float) if best is not None else math.inf
     frame["lbound_exceeds_attack"] = frame["correct"].astype(bool) & (frame["lbound"] > frame["attack_l2"])
     return frame
 

@@ -18,18 +18,10 @@ from typing import Any
 import numpy as np
 from scipy import stats as _sps
 
-__all__ = [
-    "binomial_abstain_pvalue",
-    "clopper_pearson_lower",
-    "clopper_pearson_upper",
-    "should_abstain",
-]
+__all__ = ["binomial_abstain_pvalue", "clopper_pearson_lower", "clopper_pearson_upper", "should_abstain"]
 
 
-# ----------------------------------------------------------------------------------------------
-# Input handling (shared by every public function)
-# ----------------------------------------------------------------------------------------------
-
+# --------------------------------------------------------------------------- input handling (shared by every function)
 
 def _to_numpy(x: Any, name: str) -> np.ndarray:
     """``x`` as a numpy array; torch tensors on any device are detached and moved to the CPU."""
@@ -82,9 +74,7 @@ def _binomial_args(count: Any, n: Any, alpha: Any) -> tuple[np.ndarray, np.ndarr
     nn = _integer_values(n, "n", "[1, inf)")
     if np.any(nn < 1):
         raise ValueError(f"n must be integers >= 1, got {n!r}")
-    k = _integer_values(count, "count", "[0, n]")
-    a = _level(alpha)
-    k, nn, a = _broadcast(("count", "n", "alpha"), k, nn, a)
+    k, nn, a = _broadcast(("count", "n", "alpha"), _integer_values(count, "count", "[0, n]"), nn, _level(alpha))
     if np.any((k < 0) | (k > nn)):
         raise ValueError(f"count must be integers in [0, n], got count={count!r} with n={n!r}")
     return k, nn, a
@@ -96,19 +86,13 @@ def _result(values: np.ndarray) -> np.ndarray | float:
     return float(values) if values.ndim == 0 else values
 
 
-# ----------------------------------------------------------------------------------------------
-# Clopper-Pearson bounds
-# ----------------------------------------------------------------------------------------------
-
+# --------------------------------------------------------------------------- Clopper-Pearson bounds
 
 def _clopper_pearson(count: Any, n: Any, alpha: Any, *, upper: bool) -> np.ndarray | float:
-    """One-sided Clopper-Pearson bound; the single implementation behind both public bounds.
-
-    lower: ``beta.ppf(alpha, k, n - k + 1)``, which is 0 at ``k == 0``;
-    upper: ``beta.isf(alpha, k + 1, n - k)``, which is 1 at ``k == n``.
-    At the edge the Beta distribution is degenerate, so its shape parameter is replaced by a
-    harmless 1 before calling scipy (no warnings, no NaN) and the exact edge value is filled in.
-    """
+    """One-sided Clopper-Pearson bound, the single implementation behind both public bounds. At the edge
+    (lower: ``k == 0``, bound 0; upper: ``k == n``, bound 1) the Beta distribution is degenerate, so its shape
+    parameter is replaced by a harmless 1 before calling scipy (no warnings, no NaN) and the exact edge value
+    is filled in."""
     k, nn, a = _binomial_args(count, n, alpha)
     if upper:
         edge, fill = k == nn, 1.0
@@ -139,19 +123,10 @@ def clopper_pearson_lower(count: Any, n: Any, alpha: Any) -> np.ndarray | float:
     ``proportion_confint(nA, n, alpha=alpha)`` is a known slip in rs4a; the two-sided call with
     ``alpha=2 * alpha`` is the correct one.
 
-    Args:
-        count: number of successes, integers in ``[0, n]``.
-        n: number of trials, integers ``>= 1``.
-        alpha: failure probability, in the open interval ``(0, 1)``.
-
-    All three broadcast against each other and may be scalars, lists, numpy arrays or torch tensors.
-    Integer-valued floats are accepted as counts.
-
-    Returns:
-        A Python float if every argument is a scalar, else a float64 ndarray of the broadcast shape.
-
-    Raises:
-        ValueError: naming the offending argument and its valid range.
+    Args: ``count`` successes, integers in ``[0, n]`` (integer-valued floats accepted); ``n`` trials,
+    integers ``>= 1``; ``alpha`` failure probability in ``(0, 1)``. They broadcast against each other
+    (see the module docstring for types and the return type). ValueError names the offending argument
+    and its valid range.
     """
     return _clopper_pearson(count, n, alpha, upper=False)
 
@@ -172,10 +147,7 @@ def clopper_pearson_upper(count: Any, n: Any, alpha: Any) -> np.ndarray | float:
     return _clopper_pearson(count, n, alpha, upper=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# Abstention test
-# ----------------------------------------------------------------------------------------------
-
+# --------------------------------------------------------------------------- abstention test
 
 def binomial_abstain_pvalue(count_top: Any, count_second: Any) -> np.ndarray | float:
     """Two-sided exact binomial test p-value of ``count_top`` vs ``count_second`` at ``p = 1/2``.
@@ -187,22 +159,14 @@ def binomial_abstain_pvalue(count_top: Any, count_second: Any) -> np.ndarray | f
     ``scipy.stats.binomtest(a, a + b, 0.5).pvalue`` (the removed ``scipy.stats.binom_test`` is not
     used). ``a + b == 0`` gives 1. The function is symmetric in its arguments.
 
-    Args:
-        count_top, count_second: non-negative integer counts; broadcast against each other; scalars,
-            lists, numpy arrays or torch tensors.
-
-    Returns:
-        A Python float for scalar input, else a float64 ndarray of the broadcast shape.
-
-    Raises:
-        ValueError: naming the offending argument, if a count is negative or not an integer.
+    The counts are non-negative integers that broadcast against each other; ValueError names the
+    offending argument if a count is negative or not an integer.
     """
     a = _integer_values(count_top, "count_top", "[0, inf)")
     b = _integer_values(count_second, "count_second", "[0, inf)")
-    if np.any(a < 0):
-        raise ValueError(f"count_top must be integers in [0, inf), got {count_top!r}")
-    if np.any(b < 0):
-        raise ValueError(f"count_second must be integers in [0, inf), got {count_second!r}")
+    for name, values, given in (("count_top", a, count_top), ("count_second", b, count_second)):
+        if np.any(values < 0):
+            raise ValueError(f"{name} must be integers in [0, inf), got {given!r}")
     a, b = _broadcast(("count_top", "count_second"), a, b)
     total = a + b
     empty = total == 0
@@ -213,13 +177,10 @@ def binomial_abstain_pvalue(count_top: Any, count_second: Any) -> np.ndarray | f
 def should_abstain(count_top: Any, count_second: Any, alpha: Any) -> np.ndarray | bool:
     """True where ``predict`` must abstain: ``binomial_abstain_pvalue(count_top, count_second) > alpha``.
 
-    Inputs broadcast as in :func:`binomial_abstain_pvalue`; ``alpha`` must be in ``(0, 1)``.
-
-    Returns:
-        A bool ndarray of the broadcast shape, or a Python bool if every argument is a scalar.
+    Inputs broadcast as in :func:`binomial_abstain_pvalue`; ``alpha`` must be in ``(0, 1)``. Returns a
+    Python bool if every argument is a scalar, else a bool ndarray of the broadcast shape.
     """
     a = _level(alpha)
-    pvalue = np.asarray(binomial_abstain_pvalue(count_top, count_second))
-    pvalue, a = _broadcast(("counts", "alpha"), pvalue, a)
+    pvalue, a = _broadcast(("counts", "alpha"), np.asarray(binomial_abstain_pvalue(count_top, count_second)), a)
     out = pvalue > a
     return bool(out) if out.ndim == 0 else out

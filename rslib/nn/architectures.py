@@ -48,10 +48,8 @@ class Normalize(nn.Module):
         mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
         std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
         if mean_t.numel() == 0 or mean_t.shape != std_t.shape:
-            raise ValueError(
-                f"Normalize needs one mean and one std per channel; got {mean_t.numel()} means "
-                f"and {std_t.numel()} stds"
-            )
+            raise ValueError(f"Normalize needs one mean and one std per channel; got {mean_t.numel()} means "
+                             f"and {std_t.numel()} stds")
         if not bool(torch.all(std_t > 0)):
             raise ValueError(f"Normalize std must be positive; got {std_t.tolist()}")
         self.register_buffer("mean", mean_t.view(-1, 1, 1))
@@ -67,16 +65,8 @@ class Normalize(nn.Module):
 class NormalizedModel(nn.Module):
     """``net(normalize(x))`` for pixel inputs in [0, 1], with the build metadata as attributes."""
 
-    def __init__(
-        self,
-        normalize: Normalize,
-        net: nn.Module,
-        *,
-        arch: str | None = None,
-        dataset: str | None = None,
-        num_classes: int | None = None,
-        input_shape: tuple[int, ...] | None = None,
-    ) -> None:
+    def __init__(self, normalize: Normalize, net: nn.Module, *, arch: str | None = None, dataset: str | None = None,
+                 num_classes: int | None = None, input_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.normalize = normalize
         self.net = net
@@ -92,9 +82,7 @@ class NormalizedModel(nn.Module):
         return f"arch={self.arch!r}, dataset={self.dataset!r}, num_classes={self.num_classes}"
 
 
-# --------------------------------------------------------------------------------------------
-# Architectures
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- architectures
 
 
 def _kaiming_init(module: nn.Module) -> None:
@@ -113,6 +101,18 @@ def _kaiming_init(module: nn.Module) -> None:
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def _stages(cin: int, widths: tuple[int, ...], n: int, block: Callable[[int, int, int], nn.Module]) -> list[nn.Module]:
+    """One ``nn.Sequential`` of ``n`` ``block(cin, cout, stride)`` per width; later stages open with stride 2."""
+    stages: list[nn.Module] = []
+    for i, cout in enumerate(widths):
+        blocks = []
+        for j in range(n):
+            blocks.append(block(cin, cout, 2 if (i > 0 and j == 0) else 1))
+            cin = cout
+        stages.append(nn.Sequential(*blocks))
+    return stages
 
 
 class SmallCNN(nn.Module):
@@ -157,9 +157,7 @@ class LeNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = self.pool2(F.relu(self.conv2(x))).flatten(1)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
 class LeNetCaffe(nn.Module):
@@ -193,14 +191,9 @@ class _ResBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = _conv3x3(cout, cout)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut: nn.Module
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(cout),
-            )
-        else:
-            self.shortcut = nn.Identity()
+        self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False),
+                                       nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -214,22 +207,11 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int = 110, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
-            raise ValueError(
-                f"cifar_resnet depth must be 6n + 2 with n >= 1 (20, 56, 110); got {depth}"
-            )
-        n = (depth - 2) // 6
+            raise ValueError(f"cifar_resnet depth must be 6n + 2 with n >= 1 (20, 56, 110); got {depth}")
         self.depth = depth
         self.conv1 = _conv3x3(in_channels, 16)
         self.bn1 = nn.BatchNorm2d(16)
-        stages = []
-        cin = 16
-        for i, cout in enumerate((16, 32, 64)):
-            blocks = []
-            for j in range(n):
-                blocks.append(_ResBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
-                cin = cout
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+        self.layer1, self.layer2, self.layer3 = _stages(16, (16, 32, 64), (depth - 2) // 6, _ResBlock)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
         _kaiming_init(self)
@@ -254,55 +236,34 @@ class _WideBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.conv2 = _conv3x3(cout, cout)
         self.dropout = dropout
-        self.shortcut = (
-            nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False)
-            if (cin != cout or stride != 1)
-            else None
-        )
+        self.shortcut = (nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False)
+                         if (cin != cout or stride != 1) else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = F.relu(self.bn1(x))
         out = F.relu(self.bn2(self.conv1(pre)))
         if self.dropout > 0:
             out = F.dropout(out, p=self.dropout, training=self.training)
-        out = self.conv2(out)
-        skip = x if self.shortcut is None else self.shortcut(pre)
-        return out + skip
+        return self.conv2(out) + (x if self.shortcut is None else self.shortcut(pre))
 
 
 class WideResNet(nn.Module):
     """WideResNet-depth-k (depth = 6n + 4): stages of 16k/32k/64k channels, final BN-ReLU."""
 
-    def __init__(
-        self,
-        depth: int = 40,
-        widen_factor: int = 2,
-        dropout: float = 0.0,
-        num_classes: int = 10,
-        in_channels: int = 3,
-    ) -> None:
+    def __init__(self, depth: int = 40, widen_factor: int = 2, dropout: float = 0.0, num_classes: int = 10,
+                 in_channels: int = 3) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
-            raise ValueError(
-                f"wide_resnet depth must be 6n + 4 with n >= 1 (16, 28, 40); got {depth}"
-            )
+            raise ValueError(f"wide_resnet depth must be 6n + 4 with n >= 1 (16, 28, 40); got {depth}")
         if widen_factor < 1:
             raise ValueError(f"wide_resnet widen_factor must be >= 1; got {widen_factor}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"wide_resnet dropout must be in [0, 1); got {dropout}")
-        n = (depth - 4) // 6
         self.depth, self.widen_factor = depth, widen_factor
         widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.conv1 = _conv3x3(in_channels, 16)
-        stages = []
-        cin = 16
-        for i, cout in enumerate(widths):
-            blocks = []
-            for j in range(n):
-                blocks.append(_WideBlock(cin, cout, 2 if (i > 0 and j == 0) else 1, dropout))
-                cin = cout
-            stages.append(nn.Sequential(*blocks))
-        self.block1, self.block2, self.block3 = stages
+        self.block1, self.block2, self.block3 = _stages(
+            16, widths, (depth - 4) // 6, lambda cin, cout, stride: _WideBlock(cin, cout, stride, dropout))
         self.bn = nn.BatchNorm2d(widths[-1])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes)
@@ -352,13 +313,8 @@ class HeatResNet(nn.Module):
     output goes through BatchNorm1d without affine weights, then a learned bias (the logits).
     """
 
-    def __init__(
-        self,
-        layers: tuple[int, ...] = (5, 5, 5),
-        num_classes: int = 10,
-        in_channels: int = 3,
-        base_channels: int = 16,
-    ) -> None:
+    def __init__(self, layers: tuple[int, ...] = (5, 5, 5), num_classes: int = 10, in_channels: int = 3,
+                 base_channels: int = 16) -> None:
         super().__init__()
         if not layers or any(n < 1 for n in layers):
             raise ValueError(f"heat_resnet layers must be positive block counts; got {layers}")
@@ -406,13 +362,8 @@ def cifar_resnet(depth: int = 110, num_classes: int = 10, in_channels: int = 3) 
     return CifarResNet(depth=depth, num_classes=num_classes, in_channels=in_channels)
 
 
-def wide_resnet(
-    depth: int = 40,
-    widen_factor: int = 2,
-    dropout: float = 0.0,
-    num_classes: int = 10,
-    in_channels: int = 3,
-) -> WideResNet:
+def wide_resnet(depth: int = 40, widen_factor: int = 2, dropout: float = 0.0, num_classes: int = 10,
+                in_channels: int = 3) -> WideResNet:
     """WideResNet-depth-widen_factor (depth = 6n + 4), rs4a's CIFAR model for (40, 2)."""
     return WideResNet(depth, widen_factor, dropout, num_classes, in_channels)
 
@@ -431,9 +382,7 @@ def resnet50(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
     return torchvision.models.resnet50(weights=None, num_classes=num_classes)
 
 
-# --------------------------------------------------------------------------------------------
-# Registry
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- registry
 
 _SMALL = ("digits", "mnist", "cifar10")
 
@@ -498,33 +447,23 @@ def build_model(arch: str, dataset: str, num_classes: int | None = None) -> Norm
     """``NormalizedModel(Normalize(<dataset constants>), <arch>)`` for images of ``dataset``.
 
     The normalization is the identity (mean 0, std 1) for an architecture that declares it
-    (:attr:`ArchSpec.normalization`). ``num_classes`` defaults to the dataset's. Raises ValueError naming the valid choices for an
-    unknown architecture or dataset, or the supported datasets for a mismatched pair.
+    (:attr:`ArchSpec.normalization`). ``num_classes`` defaults to the dataset's. Raises ValueError naming
+    the valid choices for an unknown architecture or dataset, or the supported datasets for a mismatched pair.
     """
     data = DATASETS[dataset]
     if not isinstance(arch, str):
         raise ValueError(f"architecture name must be a string; got {arch!r}")
     spec = resolve_arch(arch)
     if dataset not in spec.datasets:
-        raise ValueError(
-            f"architecture {arch!r} does not support dataset {dataset!r}; "
-            f"it supports: {', '.join(spec.datasets)}"
-        )
-    shape = data.shape
+        raise ValueError(f"architecture {arch!r} does not support dataset {dataset!r}; "
+                         f"it supports: {', '.join(spec.datasets)}")
     if num_classes is None:
         num_classes = data.num_classes
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}")
-    channels, size = shape[0], shape[1]
-    net = spec.build(num_classes, channels, size)
-    return NormalizedModel(
-        _input_normalization(spec, dataset),
-        net,
-        arch=arch,
-        dataset=dataset,
-        num_classes=num_classes,
-        input_shape=shape,
-    )
+    net = spec.build(num_classes, data.shape[0], data.shape[1])
+    return NormalizedModel(_input_normalization(spec, dataset), net, arch=arch, dataset=dataset,
+                           num_classes=num_classes, input_shape=data.shape)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -50,22 +50,10 @@ import torch
 from rslib.nn.architectures import NormalizedModel, build_model
 from rslib.nn.checkpoints import save_checkpoint, state_dict_problems
 from rslib.nn.data import DATASETS
-from rslib.nn.releases import (
-    CheckpointImportError,
-    Release,
-    StateDict,
-    read_release,
-    sample_keys,
-)
+from rslib.nn.releases import CheckpointImportError, Release, StateDict, read_release, sample_keys
 from rslib.util.files import file_sha256
 
-__all__ = [
-    "CODEBASES",
-    "INPUT_LAYERS",
-    "SOURCES",
-    "CheckpointImportError",
-    "import_checkpoint",
-]
+__all__ = ["CODEBASES", "INPUT_LAYERS", "SOURCES", "CheckpointImportError", "import_checkpoint"]
 
 SOURCES = ("cohen", "smoothadv", "rs4a", "heatsmoothing")
 INPUT_LAYERS = ("normalize", "center")
@@ -84,10 +72,7 @@ _PAPER_MEAN_STD = {
 _BATCHNORM_EPS = 1e-5  # torch's BatchNorm2d default: HeatSmoothing's ImageNet input layer
 
 
-
-# --------------------------------------------------------------------------------------------
-# The network: which rslib architecture holds the same tensors
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- the network: its rslib architecture
 
 
 @dataclass(frozen=True)
@@ -131,32 +116,23 @@ def _read_torchvision_resnet(state: StateDict) -> _Network | None:
     bottleneck = "layer1.0.conv3.weight" in state
     if blocks != (3, 4, 6, 3) or not bottleneck:
         kind = "bottleneck" if bottleneck else "basic"
-        raise CheckpointImportError(
-            f"recognised: a torchvision ResNet with {kind} blocks {blocks}; not recognised: an "
-            "architecture rslib has (its only torchvision ResNet is resnet50: bottleneck blocks "
-            "(3, 4, 6, 3))"
-        )
+        raise CheckpointImportError(f"recognised: a torchvision ResNet with {kind} blocks {blocks}; not recognised: an "
+                                    "architecture rslib has (its only torchvision ResNet is resnet50: bottleneck "
+                                    "blocks (3, 4, 6, 3))")
     return _Network("resnet50", "resnet50", "imagenet", _classes(state, "fc.weight"), state)
 
 
 def _read_cohen_cifar_resnet(state: StateDict) -> _Network | None:
     """Cohen's archs/cifar_resnet.py (bearpaw's CIFAR ResNet): shortcuts named ``downsample``."""
-    if (
-        "layer1.0.conv1.weight" not in state
-        or "layer4.0.conv1.weight" in state
-        or "fc.weight" not in state
-    ):
+    if "layer1.0.conv1.weight" not in state or "layer4.0.conv1.weight" in state or "fc.weight" not in state:
         return None
     if "layer1.0.conv3.weight" in state:
         raise CheckpointImportError(
             "recognised: Cohen's CIFAR ResNet with Bottleneck blocks; not recognised: an architecture "
-            "rslib has (its cifar_resnet<depth> uses BasicBlocks, as Cohen's released models do)"
-        )
-    depth = 6 * _block_count(state, "layer1.") + 2
+            "rslib has (its cifar_resnet<depth> uses BasicBlocks, as Cohen's released models do)")
+    name = f"cifar_resnet{6 * _block_count(state, 'layer1.') + 2}"
     net = _rename(state, [(r"\.downsample\.", ".shortcut.")])
-    return _Network(
-        f"cifar_resnet{depth}", f"cifar_resnet{depth}", "cifar10", _classes(state, "fc.weight"), net
-    )
+    return _Network(name, name, "cifar10", _classes(state, "fc.weight"), net)
 
 
 def _refuse_option_a_resnet(state: StateDict) -> None:
@@ -165,8 +141,7 @@ def _refuse_option_a_resnet(state: StateDict) -> None:
         raise CheckpointImportError(
             "recognised: rs4a's CIFAR ResNet-110 (classic_resnet110: zero-padding 'option A' "
             "shortcuts, 'linear.*'); not recognised: an architecture rslib has (its cifar_resnet110 "
-            "has 1x1-conv projection shortcuts, Cohen's arrangement)"
-        )
+            "has 1x1-conv projection shortcuts, Cohen's arrangement)")
 
 
 def _read_wide_resnet(state: StateDict) -> _Network | None:
@@ -175,24 +150,15 @@ def _read_wide_resnet(state: StateDict) -> _Network | None:
         return None
     depth = 6 * _block_count(state, "block1.layer.") + 4
     widen = int(state["block1.layer.0.conv1.weight"].shape[0]) // 16
-    net = _rename(
-        state,
-        [
-            (r"^block(\d+)\.layer\.", r"block\1."),
-            (r"\.convShortcut\.", ".shortcut."),
-            (r"^bn1\.", "bn."),
-        ],
-    )
+    net = _rename(state, [(r"^block(\d+)\.layer\.", r"block\1."), (r"\.convShortcut\.", ".shortcut."),
+                          (r"^bn1\.", "bn.")])
     name = f"WideResNet(depth={depth}, widen_factor={widen})"
     return _Network(name, f"wrn{depth}_{widen}", "cifar10", _classes(state, "fc.weight"), net)
 
 
 def _read_lenet(state: StateDict) -> _Network | None:
     """rs4a's lib/lenet.py: conv1, conv2, fc1, fc2, fc3 (MNIST)."""
-    if (
-        not {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight", "fc3.weight"}
-        <= state.keys()
-    ):
+    if not {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight", "fc3.weight"} <= state.keys():
         return None
     dataset = "mnist" if state["conv1.weight"].shape[1] == 1 else "cifar10"
     return _Network("LeNet", "lenet", dataset, _classes(state, "fc3.weight"), state)
@@ -203,45 +169,30 @@ def _read_heat_resnet(state: StateDict) -> _Network | None:
     conv0/conv1 in blocks, and fc (weight, bias, bn)."""
     if "layer0.weight" not in state or "fc.weight" not in state:
         return None
-    stages = tuple(
-        _block_count(state, f"layers.{i}.", "conv0.") for i in range(_block_count(state, "layers."))
-    )
+    stages = tuple(_block_count(state, f"layers.{i}.", "conv0.") for i in range(_block_count(state, "layers.")))
     channels = int(state["layer0.weight"].shape[0])
     if stages != (5, 5, 5) or channels != 16:
         raise CheckpointImportError(
             f"recognised: a HeatSmoothing ResNet with blocks {list(stages)} and {channels} base channels; "
             "not recognised: an architecture rslib has (its heat_resnet is their ResNet34: [5, 5, 5] "
-            "blocks, 16 channels)"
-        )
-    net = _rename(
-        state,
-        [
-            (r"^layer0\.", "stem."),
-            (r"^layers\.", "stages."),
-            (r"\.conv1\.", ".conv2."),  # their block convs conv0/conv1 are rslib's conv1/conv2
-            (r"\.conv0\.", ".conv1."),
-            (r"^(stem|stages\.\d+\.\d+(?:\.conv[12])?)\.weight$", r"\1.conv.weight"),
-            (r"^fc\.bias$", "fc_bias"),
-            (r"^fc\.bn\.", "fc_bn."),
-        ],
-    )
+            "blocks, 16 channels)")
+    net = _rename(state, [
+        (r"^layer0\.", "stem."), (r"^layers\.", "stages."),
+        (r"\.conv1\.", ".conv2."), (r"\.conv0\.", ".conv1."),  # their block convs conv0/conv1 are rslib's conv1/conv2
+        (r"^(stem|stages\.\d+\.\d+(?:\.conv[12])?)\.weight$", r"\1.conv.weight"),
+        (r"^fc\.bias$", "fc_bias"), (r"^fc\.bn\.", "fc_bn."),
+    ])
     return _Network("ResNet34", "heat_resnet", "cifar10", _classes(state, "fc.weight"), net)
 
 
 _RESNET50: tuple[str, _Reader] = ("torchvision ResNet-50", _read_torchvision_resnet)
-_COHEN_NETWORKS: tuple[tuple[str, _Reader], ...] = (
-    ("CIFAR ResNet cifar_resnet<depth>", _read_cohen_cifar_resnet),
-    _RESNET50,
-)
+_COHEN_NETWORKS: tuple[tuple[str, _Reader], ...] = (("CIFAR ResNet cifar_resnet<depth>", _read_cohen_cifar_resnet),
+                                                     _RESNET50)
 #: source -> (description, reader) of the networks it releases that rslib imports, tried in order.
 _NETWORKS: dict[str, tuple[tuple[str, _Reader], ...]] = {
     "cohen": _COHEN_NETWORKS,
     "smoothadv": _COHEN_NETWORKS,
-    "rs4a": (
-        ("WideResNet", _read_wide_resnet),
-        _RESNET50,
-        ("LeNet", _read_lenet),
-    ),
+    "rs4a": (("WideResNet", _read_wide_resnet), _RESNET50, ("LeNet", _read_lenet)),
     "heatsmoothing": (("CIFAR-10 ResNet34", _read_heat_resnet), _RESNET50),
 }
 #: source -> checks that raise on a network it releases which rslib lacks.
@@ -262,16 +213,12 @@ def _read_network(release: Release, source: str) -> _Network:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Choices the file cannot make: source and input layer
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- source and input layer
 
 
 def _check_choices(source: str | None, input_layer: str | None) -> None:
     if source is not None and source not in SOURCES:
-        raise CheckpointImportError(
-            f"unknown source {source!r}; valid: --source {'|'.join(SOURCES)}"
-        )
+        raise CheckpointImportError(f"unknown source {source!r}; valid: --source {'|'.join(SOURCES)}")
     if input_layer is not None and input_layer not in INPUT_LAYERS:
         raise CheckpointImportError(
             f"unknown input layer {input_layer!r}; valid: --input-layer {'|'.join(INPUT_LAYERS)}"
@@ -286,13 +233,11 @@ def _choose_source(release: Release, source: str | None) -> str:
         raise CheckpointImportError(
             f"recognised: the layout {release.layout}, which Cohen et al. and SmoothAdv both write "
             "with different input layers; rslib will not guess: pass --source cohen, or --source "
-            "smoothadv --input-layer normalize|center"
-        )
+            "smoothadv --input-layer normalize|center")
     if source not in release.sources:
         raise CheckpointImportError(
             f"--source {source}, but the file is laid out as {release.layout}, which "
-            f"{' and '.join(release.sources)} write: pass --source {' or --source '.join(release.sources)}"
-        )
+            f"{' and '.join(release.sources)} write: pass --source {' or --source '.join(release.sources)}")
     return source
 
 
@@ -303,18 +248,14 @@ def _check_input_layer(source: str, input_layer: str | None) -> None:
             "folder (SmoothAdv README): pass --input-layer normalize for imagenet32/, "
             "cifar10/finetune_cifar_from_imagenetPGD2steps/ and cifar10/self_training/ "
             "(NormalizeLayer), --input-layer center for imagenet/ and every other cifar10/ folder "
-            "(InputCenterLayer)"
-        )
+            "(InputCenterLayer)")
     if source != "smoothadv" and input_layer is not None:
-        raise CheckpointImportError(
-            f"--input-layer is for --source smoothadv only; {source} files fix their input layer: "
-            "drop --input-layer"
-        )
+        raise CheckpointImportError(f"--input-layer is for --source smoothadv only; {source} files fix their input "
+                                    "layer: drop --input-layer")
 
 
-def _input_normalization(
-    source: str, dataset: str, input_layer: str | None, release: Release
-) -> tuple[list[float], list[float], str]:
+def _input_normalization(source: str, dataset: str, input_layer: str | None,
+                         release: Release) -> tuple[list[float], list[float], str]:
     """(mean, std, description) of the input layer the source applied before its network."""
     if release.mean_std is not None:
         mean, std = release.mean_std
@@ -324,11 +265,7 @@ def _input_normalization(
     mean, std = (list(c) for c in _PAPER_MEAN_STD[dataset])
     if source == "heatsmoothing":
         bn_std = torch.sqrt(torch.tensor(std) ** 2 + _BATCHNORM_EPS).tolist()
-        return (
-            mean,
-            bn_std,
-            "BatchNorm2d(3, affine=False) outside the model: std = sqrt(std^2 + 1e-5)",
-        )
+        return mean, bn_std, "BatchNorm2d(3, affine=False) outside the model: std = sqrt(std^2 + 1e-5)"
     if input_layer == "center":
         return mean, [1.0] * len(mean), "InputCenterLayer (mean, std 1)"
     return mean, std, "NormalizeLayer (mean, std)"
@@ -337,27 +274,20 @@ def _input_normalization(
 def _check_expected(network: _Network, arch: str | None, dataset: str | None) -> None:
     """``arch``/``dataset``, when given, must be what the file holds: nothing is reinterpreted."""
     if arch is not None and arch != network.arch:
-        raise CheckpointImportError(
-            f"--arch {arch}, but the file holds {network.name}, rslib's {network.arch!r}: drop --arch "
-            f"or pass --arch {network.arch}"
-        )
+        raise CheckpointImportError(f"--arch {arch}, but the file holds {network.name}, rslib's {network.arch!r}: "
+                                    f"drop --arch or pass --arch {network.arch}")
     if dataset is not None and dataset != network.dataset:
-        raise CheckpointImportError(
-            f"--dataset {dataset}, but the file holds {network.name} for {network.dataset!r}: drop "
-            f"--dataset or pass --dataset {network.dataset}"
-        )
+        raise CheckpointImportError(f"--dataset {dataset}, but the file holds {network.name} for {network.dataset!r}: "
+                                    f"drop --dataset or pass --dataset {network.dataset}")
     classes = DATASETS[network.dataset].num_classes
     if network.num_classes != classes:
         raise CheckpointImportError(
             f"recognised: {network.name} with {network.num_classes} classes; not recognised: an rslib "
             f"dataset for it ({network.dataset} has {classes} classes; rslib has no ImageNet32 or "
-            "CIFAR-100, e.g. SmoothAdv's imagenet32_resnet110)"
-        )
+            "CIFAR-100, e.g. SmoothAdv's imagenet32_resnet110)")
 
 
-# --------------------------------------------------------------------------------------------
-# Building and writing the rslib checkpoint
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- the rslib checkpoint
 
 
 def _rslib_model(network: _Network, mean: list[float], std: list[float]) -> NormalizedModel:
@@ -370,10 +300,8 @@ def _rslib_model(network: _Network, mean: list[float], std: list[float]) -> Norm
     }
     problems = state_dict_problems(model.state_dict(), state)
     if problems:
-        raise CheckpointImportError(
-            f"recognised: {network.name}; not recognised: a variant whose tensors fit rslib's "
-            f"{network.arch!r} ({'; '.join(problems)})"
-        )
+        raise CheckpointImportError(f"recognised: {network.name}; not recognised: a variant whose tensors fit rslib's "
+                                    f"{network.arch!r} ({'; '.join(problems)})")
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -390,18 +318,11 @@ def _load_release_file(path: Path) -> Any:
         raise CheckpointImportError(
             f"{path} cannot be read with torch.load(weights_only=True) ({type(e).__name__}: "
             f"{first_line}): it is corrupt, not a torch file, or holds pickled Python objects, "
-            "which rslib never unpickles (the released files of the supported sources hold none)"
-        ) from e
+            "which rslib never unpickles (the released files of the supported sources hold none)") from e
 
 
-def import_checkpoint(
-    src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
-    source: str | None = None,
-    arch: str | None = None,
-    dataset: str | None = None,
-    input_layer: str | None = None,
-) -> Path:
+def import_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], source: str | None = None,
+                      arch: str | None = None, dataset: str | None = None, input_layer: str | None = None) -> Path:
     """Convert the released checkpoint ``src`` into the rslib checkpoint ``dst``; return ``dst``.
 
     ``source``: ``cohen``, ``smoothadv``, ``rs4a`` or ``heatsmoothing`` (None: recognised from the
@@ -413,9 +334,7 @@ def import_checkpoint(
     src_path, dst_path = Path(src), Path(dst)
     _check_choices(source, input_layer)
     if dst_path.resolve() == src_path.resolve():
-        raise CheckpointImportError(
-            f"DST must differ from SRC ({src_path}): the released file is kept"
-        )
+        raise CheckpointImportError(f"DST must differ from SRC ({src_path}): the released file is kept")
     release = read_release(_load_release_file(src_path))
     source = _choose_source(release, source)
     _check_input_layer(source, input_layer)
@@ -424,25 +343,10 @@ def import_checkpoint(
     mean, std, layer = _input_normalization(source, network.dataset, input_layer, release)
     model = _rslib_model(network, mean, std)
     provenance = {
-        "source": source,
-        "codebase": CODEBASES[source],
-        "file": src_path.name,
-        "sha256": file_sha256(src_path),
-        "original_arch": str(
-            release.file_info.get("arch") or release.file_info.get("model") or network.name
-        ),
-        "input_layer": layer,
-        "mean": mean,
-        "std": std,
-        "file_info": release.file_info,
+        "source": source, "codebase": CODEBASES[source], "file": src_path.name, "sha256": file_sha256(src_path),
+        "original_arch": str(release.file_info.get("arch") or release.file_info.get("model") or network.name),
+        "input_layer": layer, "mean": mean, "std": std, "file_info": release.file_info,
     }
-    return save_checkpoint(
-        dst_path,
-        model,
-        arch=network.arch,
-        dataset=network.dataset,
-        num_classes=network.num_classes,
-        extra={"imported_from": provenance},
-    )
-
+    return save_checkpoint(dst_path, model, arch=network.arch, dataset=network.dataset,
+                           num_classes=network.num_classes, extra={"imported_from": provenance})
 

@@ -29,10 +29,6 @@ from rslib.nn.releases import (
 from rslib.util.files import atomic_writer
 from rslib.util.provenance import VERSION
 
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
-
 CHECKPOINT_FORMAT_VERSION = 1
 _REQUIRED_KEYS = ("format_version", "arch", "dataset", "num_classes", "state_dict")
 
@@ -79,9 +75,7 @@ def _check_weights_only_safe(obj: Any, where: str) -> None:
     """Raise TypeError if ``obj`` holds anything ``torch.load(weights_only=True)`` may reject."""
     if isinstance(obj, torch.Tensor):
         if type(obj) not in (torch.Tensor, nn.Parameter):
-            raise TypeError(
-                f"{where} is a tensor subclass {type(obj).__name__}; save plain tensors"
-            )
+            raise TypeError(f"{where} is a tensor subclass {type(obj).__name__}; save plain tensors")
         return
     if isinstance(obj, _SAFE_LEAVES):
         return
@@ -95,25 +89,14 @@ def _check_weights_only_safe(obj: Any, where: str) -> None:
         for i, v in enumerate(obj):
             _check_weights_only_safe(v, f"{where}[{i}]")
         return
-    raise TypeError(
-        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
-        "torch.load(weights_only=True) cannot read back; store plain dicts, lists, numbers, "
-        "strings and tensors"
-    )
+    kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    raise TypeError(f"{where} is a {kind}, which torch.load(weights_only=True) cannot read back; store plain dicts, "
+                    "lists, numbers, strings and tensors")
 
 
-def save_checkpoint(
-    path: str | os.PathLike[str],
-    model: nn.Module,
-    *,
-    arch: str,
-    dataset: str,
-    num_classes: int,
-    extra: Mapping[str, Any] | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None,
-    epoch: int | None = None,
-) -> Path:
+def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, *, arch: str, dataset: str, num_classes: int,
+                    extra: Mapping[str, Any] | None = None, optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: Any = None, epoch: int | None = None) -> Path:
     """Atomically write an rslib checkpoint that loads with ``torch.load(weights_only=True)``.
 
     The dict holds ``format_version``, ``rslib_version``, ``arch``, ``dataset``, ``num_classes``,
@@ -128,12 +111,8 @@ def save_checkpoint(
     if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
         raise ValueError(f"epoch must be an integer or None; got {epoch!r}")
     ckpt: dict[str, Any] = {
-        "format_version": CHECKPOINT_FORMAT_VERSION,
-        "rslib_version": VERSION,
-        "arch": arch,
-        "dataset": dataset,
-        "num_classes": int(num_classes),
-        "state_dict": strip_state_dict_prefixes(unwrap_model(model).state_dict()),
+        "format_version": CHECKPOINT_FORMAT_VERSION, "rslib_version": VERSION, "arch": arch, "dataset": dataset,
+        "num_classes": int(num_classes), "state_dict": strip_state_dict_prefixes(unwrap_model(model).state_dict()),
         "extra": _plain_json(extra),
     }
     if optimizer is not None:
@@ -150,20 +129,16 @@ def save_checkpoint(
 
 
 def _fix_hint(path: Path) -> str:
-    return (
-        f"delete {path} or re-run the train stage with --force "
-        "(rslib run params/<experiment>.yaml --only train --force)"
-    )
+    return (f"delete {path} or re-run the train stage with --force "
+            "(rslib run params/<experiment>.yaml --only train --force)")
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
     """Read and validate an rslib checkpoint with ``torch.load(..., weights_only=True)``."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(
-            f"checkpoint not found: {path}; run the train stage first "
-            "(rslib run params/<experiment>.yaml --only train)"
-        )
+        raise FileNotFoundError(f"checkpoint not found: {path}; run the train stage first "
+                                "(rslib run params/<experiment>.yaml --only train)")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not an rslib checkpoint file")
     try:
@@ -171,40 +146,27 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     except (PermissionError, MemoryError):
         raise
     except Exception as e:  # torch raises many kinds for unreadable files
-        raise CheckpointError(
-            f"{path} is corrupt or not an rslib checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else 'unreadable'}); {_fix_hint(path)}"
-        ) from e
+        raise CheckpointError(f"{path} is corrupt or not an rslib checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else 'unreadable'}); {_fix_hint(path)}") from e
     if not isinstance(ckpt, dict):
-        raise CheckpointError(
-            f"{path} is not an rslib checkpoint (it holds a {type(ckpt).__name__}, not a dict); "
-            f"{_fix_hint(path)}"
-        )
+        raise CheckpointError(f"{path} is not an rslib checkpoint (it holds a {type(ckpt).__name__}, not a dict); "
+                              f"{_fix_hint(path)}")
     missing = [k for k in _REQUIRED_KEYS if k not in ckpt]
     if missing:
         hint = foreign_checkpoint_hint(path, ckpt)
-        if hint is not None:
-            raise CheckpointError(hint)
-        raise CheckpointError(
-            f"{path} is not an rslib checkpoint: missing {', '.join(missing)}; {_fix_hint(path)}"
-        )
+        raise CheckpointError(hint if hint is not None else
+                              f"{path} is not an rslib checkpoint: missing {', '.join(missing)}; {_fix_hint(path)}")
     version = ckpt["format_version"]
     if not isinstance(version, int) or version < 1:
-        raise CheckpointError(
-            f"{path} has an invalid format_version {version!r}; {_fix_hint(path)}"
-        )
+        raise CheckpointError(f"{path} has an invalid format_version {version!r}; {_fix_hint(path)}")
     if version > CHECKPOINT_FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint format {version}, newer than this rslib reads "
-            f"({CHECKPOINT_FORMAT_VERSION}); upgrade rslib or {_fix_hint(path)}"
-        )
-    if not isinstance(ckpt["state_dict"], Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["state_dict"].items()
-    ):
-        raise CheckpointError(
-            f"{path} is not an rslib checkpoint: state_dict is not a mapping of names to tensors; "
-            f"{_fix_hint(path)}"
-        )
+        raise CheckpointError(f"{path} has checkpoint format {version}, newer than this rslib reads "
+                              f"({CHECKPOINT_FORMAT_VERSION}); upgrade rslib or {_fix_hint(path)}")
+    state = ckpt["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in state.items()):
+        raise CheckpointError(f"{path} is not an rslib checkpoint: state_dict is not a mapping of names to tensors; "
+                              f"{_fix_hint(path)}")
     return ckpt
 
 
@@ -233,12 +195,9 @@ def load(checkpoint_path: str | os.PathLike[str], device: Any = "cpu") -> Normal
     except ValueError as e:
         raise CheckpointError(f"{path}: cannot rebuild the model it describes: {e}") from e
     state = strip_state_dict_prefixes(ckpt["state_dict"])
-    expected = model.state_dict()
-    parts = state_dict_problems(expected, state)
+    parts = state_dict_problems(model.state_dict(), state)
     if parts:
-        raise CheckpointError(
-            f"{path} does not match architecture {ckpt['arch']!r} on {ckpt['dataset']!r} "
-            f"with {ckpt['num_classes']} classes: {'; '.join(parts)}. {_fix_hint(path)}"
-        )
+        raise CheckpointError(f"{path} does not match architecture {ckpt['arch']!r} on {ckpt['dataset']!r} "
+                              f"with {ckpt['num_classes']} classes: {'; '.join(parts)}. {_fix_hint(path)}")
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()

@@ -70,39 +70,36 @@ from torch import Tensor, nn
 
 from rslib.core.modules import eval_mode
 
-__all__ = [
-    "FIDELITIES",
-    "HeatConfig",
-    "JacobianDraws",
-    "finite_difference_draws",
-    "frozen_copy",
-    "heat_step_loss",
-    "jacobian_penalty",
-    "next_student",
-    "teacher_outputs",
-]
+__all__ = ["FIDELITIES", "HeatConfig", "JacobianDraws", "finite_difference_draws", "frozen_copy", "heat_step_loss",
+           "jacobian_penalty", "next_student", "teacher_outputs"]
 
 FIDELITIES = ("logits", "softmax")
 Output = Literal["logits", "softmax"]
 
 
-# ----------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- configuration
 
 
 def _is_real(value: object) -> bool:
     """A finite real number (Python or numpy scalar; not a bool)."""
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-    )
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 def _is_int(value: object) -> bool:
     """An integer (Python or numpy scalar; not a bool)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_penalty_args(draws: object, eps: object) -> None:
+    if not _is_int(draws) or draws < 1:
+        raise ValueError(f"draws must be an integer >= 1, got {draws!r}")
+    if not _is_real(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+
+
+def _check_output(output: str, name: str = "output") -> None:
+    if output not in FIDELITIES:
+        raise ValueError(f"{name} must be one of {FIDELITIES}, got {output!r}")
 
 
 @dataclass(frozen=True)
@@ -141,18 +138,12 @@ class HeatConfig:
             raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma!r}")
         if not _is_real(self.sigma) or self.sigma <= 0:
             raise ValueError(f"sigma must be a finite number > 0, got {self.sigma!r}")
-        if not _is_int(self.draws) or self.draws < 1:
-            raise ValueError(f"draws must be an integer >= 1, got {self.draws!r}")
-        if not _is_real(self.eps) or self.eps <= 0:
-            raise ValueError(f"eps must be a finite number > 0, got {self.eps!r}")
-        if self.fidelity not in FIDELITIES:
-            raise ValueError(f"fidelity must be one of {FIDELITIES}, got {self.fidelity!r}")
+        _check_penalty_args(self.draws, self.eps)
+        _check_output(self.fidelity, "fidelity")
         if not isinstance(self.reinit, bool):
             raise ValueError(f"reinit must be a bool (True or False), got {self.reinit!r}")
         if not _is_real(self.student_noise) or self.student_noise < 0:
-            raise ValueError(
-                f"student_noise must be a finite number >= 0, got {self.student_noise!r}"
-            )
+            raise ValueError(f"student_noise must be a finite number >= 0, got {self.student_noise!r}")
         # Normalize numpy scalars and ints-for-floats to plain Python types (clean repr / YAML).
         for name in ("steps", "draws"):
             object.__setattr__(self, name, int(getattr(self, name)))
@@ -177,21 +168,12 @@ class HeatConfig:
         return self.gamma * self.h * self.sigma**2 / 2.0
 
 
-# ----------------------------------------------------------------------------------------------
-# Small helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def _check_output(output: str, name: str = "output") -> None:
-    if output not in FIDELITIES:
-        raise ValueError(f"{name} must be one of {FIDELITIES}, got {output!r}")
+# --------------------------------------------------------------------------- small helpers
 
 
 def _as_output(logits: Tensor, output: str) -> Tensor:
     if logits.dim() != 2:
-        raise ValueError(
-            f"model outputs must have shape (batch, num_outputs), got {tuple(logits.shape)}"
-        )
+        raise ValueError(f"model outputs must have shape (batch, num_outputs), got {tuple(logits.shape)}")
     return logits if output == "logits" else logits.softmax(dim=-1)
 
 
@@ -211,9 +193,7 @@ def _buffers_preserved(model: nn.Module) -> Iterator[None]:
                 b.copy_(value)
 
 
-# ----------------------------------------------------------------------------------------------
-# Jacobian penalty
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- Jacobian penalty
 
 
 class JacobianDraws(NamedTuple):
@@ -247,22 +227,8 @@ class JacobianDraws(NamedTuple):
         return self.per_example().mean()
 
 
-def _check_penalty_args(draws: object, eps: object) -> None:
-    if not _is_int(draws) or draws < 1:
-        raise ValueError(f"draws must be an integer >= 1, got {draws!r}")
-    if not _is_real(eps) or eps <= 0:
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-
-
-def finite_difference_draws(
-    model: nn.Module,
-    x: Tensor,
-    *,
-    draws: int,
-    eps: float,
-    generator: torch.Generator | None = None,
-    output: Output = "logits",
-) -> JacobianDraws:
+def finite_difference_draws(model: nn.Module, x: Tensor, *, draws: int, eps: float,
+                            generator: torch.Generator | None = None, output: Output = "logits") -> JacobianDraws:
     """Draw ``w``, compute the detached directions ``d`` and the finite differences ``q``.
 
     Two passes: (1) a forward at ``x`` and ``R`` backward passes to the input only (one per draw)
@@ -286,9 +252,7 @@ def finite_difference_draws(
         w = _randn((draws, batch, k), out, generator) / math.sqrt(k)
         grads = []
         for r in range(draws):
-            (g,) = torch.autograd.grad(
-                out, xg, grad_outputs=w[r], retain_graph=r < draws - 1, allow_unused=True
-            )
+            (g,) = torch.autograd.grad(out, xg, grad_outputs=w[r], retain_graph=r < draws - 1, allow_unused=True)
             grads.append(torch.zeros_like(xg) if g is None else g)
         del out, xg
     g = torch.stack(grads).detach()  # (R, B, *shape)
@@ -304,29 +268,18 @@ def finite_difference_draws(
     return JacobianDraws(outputs=outputs, w=w, directions=directions, quotients=quotients)
 
 
-def jacobian_penalty(
-    model: nn.Module,
-    x: Tensor,
-    *,
-    draws: int,
-    eps: float,
-    generator: torch.Generator | None = None,
-    output: Output = "logits",
-) -> Tensor:
+def jacobian_penalty(model: nn.Module, x: Tensor, *, draws: int, eps: float, generator: torch.Generator | None = None,
+                     output: Output = "logits") -> Tensor:
     """Batch mean of the estimate ``K * mean_r q_r^2`` of ``||J_v(x)||_F^2`` (a scalar tensor).
 
     Exact in expectation over ``w`` for a model affine in ``x`` (where the finite difference is
     exact); see the module docstring for the normalization and :func:`finite_difference_draws` for
     how it is computed. Differentiable with respect to the model parameters.
     """
-    return finite_difference_draws(
-        model, x, draws=draws, eps=eps, generator=generator, output=output
-    ).penalty()
+    return finite_difference_draws(model, x, draws=draws, eps=eps, generator=generator, output=output).penalty()
 
 
-# ----------------------------------------------------------------------------------------------
-# One heat step
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- one heat step
 
 
 def teacher_outputs(teacher: nn.Module, x: Tensor, fidelity: Output = "logits") -> Tensor:
@@ -339,14 +292,8 @@ def teacher_outputs(teacher: nn.Module, x: Tensor, fidelity: Output = "logits") 
         return _as_output(teacher(x), fidelity).detach()
 
 
-def heat_step_loss(
-    student: nn.Module,
-    teacher_outputs: Tensor,
-    x: Tensor,
-    config: HeatConfig,
-    *,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+def heat_step_loss(student: nn.Module, teacher_outputs: Tensor, x: Tensor, config: HeatConfig, *,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
     """The objective of one implicit heat step on a batch, and its parts as floats for logging.
 
     ``loss = (1/2) mean_b ||v(x_b) - u_prev(x_b)||^2 + penalty_weight * mean_b penalty(x_b)``, with
@@ -364,17 +311,13 @@ def heat_step_loss(
         raise TypeError(f"config must be a HeatConfig, got {type(config).__name__}")
     target = teacher_outputs.detach()
     if target.dim() != 2 or target.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"teacher_outputs must have shape (batch={x.shape[0]}, num_outputs), "
-            f"got {tuple(target.shape)}"
-        )
+        raise ValueError(f"teacher_outputs must have shape (batch={x.shape[0]}, num_outputs), "
+                         f"got {tuple(target.shape)}")
     if config.fidelity == "softmax":
         sums = target.sum(dim=-1)
         if bool(((sums - 1).abs() > 1e-3).any()) or bool((target < 0).any()):
-            raise ValueError(
-                "fidelity='softmax' needs teacher_outputs that are probabilities (rows summing to "
-                "1); compute them with teacher_outputs(teacher, x, 'softmax')"
-            )
+            raise ValueError("fidelity='softmax' needs teacher_outputs that are probabilities (rows summing to "
+                             "1); compute them with teacher_outputs(teacher, x, 'softmax')")
 
     x_student = x.detach()
     if config.student_noise > 0:
@@ -382,33 +325,20 @@ def heat_step_loss(
 
     weight = config.penalty_weight
     if weight > 0:
-        fd = finite_difference_draws(
-            student,
-            x_student,
-            draws=config.draws,
-            eps=config.eps,
-            generator=generator,
-            output=config.fidelity,
-        )
+        fd = finite_difference_draws(student, x_student, draws=config.draws, eps=config.eps, generator=generator,
+                                     output=config.fidelity)
         outputs, penalty = fd.outputs, fd.penalty()
     else:  # gamma == 0: no penalty passes at all
         outputs = _as_output(student(x_student), config.fidelity)
         penalty = outputs.new_zeros(())
     if outputs.shape != target.shape:
-        raise ValueError(
-            f"student outputs {tuple(outputs.shape)} and teacher_outputs {tuple(target.shape)} "
-            "differ in shape"
-        )
+        raise ValueError(f"student outputs {tuple(outputs.shape)} and teacher_outputs {tuple(target.shape)} "
+                         "differ in shape")
     fidelity = 0.5 * (outputs - target).pow(2).sum(dim=-1).mean()
     weighted = weight * penalty
     loss = fidelity + weighted
-    parts = {
-        "fidelity": float(fidelity.detach()),
-        "penalty": float(penalty.detach()),
-        "weighted_penalty": float(weighted.detach()),
-        "total": float(loss.detach()),
-    }
-    return loss, parts
+    parts = {"fidelity": fidelity, "penalty": penalty, "weighted_penalty": weighted, "total": loss}
+    return loss, {name: float(value.detach()) for name, value in parts.items()}
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -417,17 +347,10 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     Copying the module (rather than saving and reloading a state dict) keeps every weight and
     buffer; there is no ``strict=False`` reload that could leave the teacher partly random.
     """
-    teacher = copy.deepcopy(model)
-    teacher.eval()
-    teacher.requires_grad_(False)
-    return teacher
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
-def next_student(
-    teacher: nn.Module,
-    config: HeatConfig,
-    factory: Callable[[], nn.Module] | None = None,
-) -> nn.Module:
+def next_student(teacher: nn.Module, config: HeatConfig, factory: Callable[[], nn.Module] | None = None) -> nn.Module:
     """The student to train at the next step, in train mode with trainable parameters.
 
     ``config.reinit``: a fresh model from ``factory()`` (moved to the teacher's device); otherwise a
@@ -442,9 +365,7 @@ def next_student(
             student = student.to(param.device)
     else:
         student = copy.deepcopy(teacher)
-    student.requires_grad_(True)
-    student.train()
-    return student
+    return student.requires_grad_(True).train()
 
 
 def student_fit_warning(step: int, student_acc: float, teacher_acc: float, num_classes: int,

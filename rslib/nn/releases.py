@@ -20,15 +20,12 @@ class CheckpointError(ValueError):
 
 
 class CheckpointImportError(CheckpointError):
-    """A released checkpoint that cannot be imported; the message says what was recognised and what
-    to pass."""
+    """A released checkpoint that cannot be imported; the message says what was recognised and what to pass."""
 
 
 def strip_state_dict_prefixes(state_dict: Mapping[str, Any]) -> OrderedDict[str, Any]:
     """Drop DDP's leading ``module.`` (when every key has it) and every ``_orig_mod.`` segment."""
-    out: OrderedDict[str, Any] = OrderedDict(
-        (k.replace("_orig_mod.", ""), v) for k, v in state_dict.items()
-    )
+    out: OrderedDict[str, Any] = OrderedDict((k.replace("_orig_mod.", ""), v) for k, v in state_dict.items())
     while out and all(k.startswith("module.") for k in out):
         out = OrderedDict((k[len("module.") :], v) for k, v in out.items())
         out = OrderedDict((k.replace("_orig_mod.", ""), v) for k, v in out.items())
@@ -42,9 +39,7 @@ def key_sample(keys: Iterable[Any], limit: int = 20, show: Callable[[Any], str] 
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-# --------------------------------------------------------------------------------------------
-# The file's container: which codebase wrote it
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- which codebase wrote a file
 
 
 @dataclass(frozen=True)
@@ -69,11 +64,8 @@ _KNOWN_LAYOUTS = (
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return (
-        isinstance(obj, Mapping)
-        and len(obj) > 0
-        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-    )
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
 def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
@@ -106,30 +98,21 @@ def _unknown_layout(obj: Any) -> str:
         found = f"a state dict of {len(obj)} tensors with keys {sample_keys(obj)}"
     else:
         found = f"a dict with keys {sample_keys(obj)} and no 'state_dict' of tensors"
-    return (
-        f"recognised: {found}; not recognised: the layout of any known release ({_KNOWN_LAYOUTS})"
-    )
+    return f"recognised: {found}; not recognised: the layout of any known release ({_KNOWN_LAYOUTS})"
 
 
 def _read_rs4a(state: Mapping[str, torch.Tensor]) -> Release:
     norm = _strip(state, "norm.")
     if not {"mu", "log_sig"} <= norm.keys():
-        raise CheckpointImportError(
-            f"recognised: {_RS4A_LAYOUT}; not recognised: its normalization, which needs "
-            f"'norm.mu' and 'norm.log_sig' (found {sample_keys('norm.' + k for k in norm)})"
-        )
-    mean = norm["mu"].flatten().tolist()
-    std = torch.exp(norm["log_sig"]).flatten().tolist()
-    return Release(_RS4A_LAYOUT, ("rs4a",), _strip(state, "model."), {}, (mean, std))
+        raise CheckpointImportError(f"recognised: {_RS4A_LAYOUT}; not recognised: its normalization, which needs "
+                                    f"'norm.mu' and 'norm.log_sig' (found {sample_keys('norm.' + k for k in norm)})")
+    mean_std = (norm["mu"].flatten().tolist(), torch.exp(norm["log_sig"]).flatten().tolist())
+    return Release(_RS4A_LAYOUT, ("rs4a",), _strip(state, "model."), {}, mean_std)
 
 
 def read_release(obj: Any) -> Release:
     """Recognise the codebase from the file's container and key prefixes."""
-    if (
-        isinstance(obj, Mapping)
-        and "format_version" not in obj
-        and _is_state_dict(obj.get("state_dict"))
-    ):
+    if isinstance(obj, Mapping) and "format_version" not in obj and _is_state_dict(obj.get("state_dict")):
         state = dict(strip_state_dict_prefixes(obj["state_dict"]))
         info = _file_info(obj)
         if all(k.startswith("1.") for k in state):
@@ -151,16 +134,12 @@ def foreign_checkpoint_hint(path: str | os.PathLike[str], ckpt: Any) -> str | No
     except CheckpointImportError:
         if not (_is_state_dict(ckpt) or isinstance(ckpt.get("state_dict"), Mapping)):
             return None
-        return (
-            f"{path} is a PyTorch checkpoint, not an rslib one, and matches no release rslib imports; "
-            f"released models of Cohen et al., SmoothAdv, rs4a and HeatSmoothing convert with "
-            f"`{_IMPORT_COMMAND}` (README, 'Published models')"
-        )
+        return (f"{path} is a PyTorch checkpoint, not an rslib one, and matches no release rslib imports; "
+                f"released models of Cohen et al., SmoothAdv, rs4a and HeatSmoothing convert with "
+                f"`{_IMPORT_COMMAND}` (README, 'Published models')")
     flags = " or ".join(
         "--source smoothadv --input-layer normalize|center" if s == "smoothadv" else f"--source {s}"
         for s in release.sources
     )
-    return (
-        f"{path} is not an rslib checkpoint but a released one ({release.layout}); convert it once "
-        f"with `rslib import-checkpoint {path} OUT.pt {flags}` and use OUT.pt"
-    )
+    return (f"{path} is not an rslib checkpoint but a released one ({release.layout}); convert it once "
+            f"with `rslib import-checkpoint {path} OUT.pt {flags}` and use OUT.pt")

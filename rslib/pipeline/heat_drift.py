@@ -41,8 +41,8 @@ from rslib.core.certify import soft_average
 from rslib.core.modules import eval_mode
 from rslib.core.noises import make_noise
 from rslib.nn import checkpoints, heat
-from rslib.nn.data import batch_of, load_dataset, subset
-from rslib.pipeline import layout, params
+from rslib.nn.data import batch_of
+from rslib.pipeline import inputs, layout, params
 from rslib.util.digest import canonical_json, digest
 from rslib.util.files import atomic_write_json, atomic_writer, file_sha256
 from rslib.util.tables import write_csv
@@ -114,18 +114,15 @@ def monte_carlo_floor(first: torch.Tensor, second: torch.Tensor) -> float:
     ``first`` and ``second`` (``(B, K)``) estimate the same averages with independent draws, so
     ``E||first - second||^2 = 2 E||first - A||^2``; ``mean_i ||first_i - second_i|| / sqrt(2)`` is the
     distance a model equal to the exact average ``A`` would score in the table: no setting can be
-    measured below it.
-    """
+    measured below it."""
     return float((first - second).norm(dim=-1).mean()) / math.sqrt(2.0)
 
 
-def drift_table(base: nn.Module, steps: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor,
-                widths: Sequence[float], averages: torch.Tensor, sigma: float, *, seed: int = 0,
-                **row_options: Any) -> pd.DataFrame:
+def drift_table(base: nn.Module, steps: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, widths: Sequence[float],
+                averages: torch.Tensor, sigma: float, *, seed: int = 0, **row_options: Any) -> pd.DataFrame:
     """Rows for the base (step 0) and every step's model, with the distance at ``sigma`` relative to the
     base's (``ratio_to_base``) and how far each step moved the model (``step_change``: mean over images of
-    ``||softmax(v_k(x)) - softmax(v_{k-1}(x))||_2``; 0 for the base) -- to compare with the distance the
-    whole average has to cover, the base's distance at ``sigma``. The penalty off the data is taken at
+    ``||softmax(v_k(x)) - softmax(v_{k-1}(x))||_2``; 0 for the base). The penalty off the data is taken at
     ``x + sigma z``, one seeded ``z`` per image, the same for every step."""
     chain = [base, *steps]
     probs = [softmax_of(model, x) for model in chain]
@@ -198,18 +195,14 @@ def experiment_drift(exp_dir: str | Path, *, images: int = 1000, skip: int = 10,
     widths = with_sigma(widths, sigma)
     base_path = layout.resolve_checkpoint(train.heat_base, exp_dir)
     base = checkpoints.load(base_path, device=device)
-    dataset = load_dataset(experiment.data.dataset, "test", data_dir=experiment.data.data_dir,
-                           download=experiment.data.download, seed=experiment.seed)
-    _, selection = subset(dataset, skip, images)
+    dataset, selection = inputs.test_selection(experiment, skip, images)
     x, y = batch_of(dataset, selection, torch.device(device))
     log(f"Gaussian averages of {base_path} at s = {widths} ({draws} draws, {len(selection)} images)")
     # beside the base when it is an experiment's checkpoint, so every setting averaged from it shares them
-    home = base_path.parent.parent if base_path.parent.name == layout.CHECKPOINTS else exp_dir
-    averages = cached_averages(base_path, base, x, selection, widths, draws, experiment.seed,
-                               layout.results_dir(home))
+    cache = layout.results_dir(base_path.parent.parent if base_path.parent.name == layout.CHECKPOINTS else exp_dir)
+    averages = cached_averages(base_path, base, x, selection, widths, draws, experiment.seed, cache)
     # a second, independent estimate at sigma: how far Monte-Carlo error alone puts the exact average
-    second = cached_averages(base_path, base, x, selection, [sigma], draws, experiment.seed + 1,
-                             layout.results_dir(home))
+    second = cached_averages(base_path, base, x, selection, [sigma], draws, experiment.seed + 1, cache)
     floor = monte_carlo_floor(averages[widths.index(sigma)], second[0])
     steps = [checkpoints.load(path, device=device) for path in step_paths]
     table = drift_table(base, steps, x, y, widths, averages, sigma, seed=experiment.seed)

@@ -61,12 +61,10 @@ def stage_output_dir(name: str, output_dir: str | os.PathLike[str] | None) -> Pa
 
 
 def results_dir(exp_dir: Path) -> Path:
-    """``<experiment dir>/results``."""
     return exp_dir / RESULTS
 
 
 def checkpoints_dir(exp_dir: Path) -> Path:
-    """``<experiment dir>/checkpoints``."""
     return exp_dir / CHECKPOINTS
 
 
@@ -93,7 +91,6 @@ def table_paths(results: Path, table: str) -> tuple[Path, Path]:
 
 
 def attack_table(name: str) -> str:
-    """The table name of one attack: ``attack_<name>``."""
     return f"attack_{name}"
 
 

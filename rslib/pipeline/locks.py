@@ -84,8 +84,6 @@ _TOKEN = re.compile(r"[0-9a-f]{32}")
 _ADVICE = ("Wait for it with --wait, check it with `rslib status`, or, if you are sure that "
            "process is dead, break the lock with --force-unlock.")
 
-Notify = Callable[[str], None]
-
 
 def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -108,17 +106,13 @@ class Holder:
     alive: bool = True
     reason: str = ""
 
-    @property
-    def command(self) -> str:
-        return shlex.join(self.argv) or "?"
-
     def describe(self) -> str:
         """One line naming the holder: host, pid, command, since when, last heartbeat."""
         age = max(0.0, time.time() - self.heartbeat)
         if not self.pid:
             return f"an unreadable lock file {lock_path(self.folder)}, last modified {age:.0f} s ago"
-        return (f"pid {self.pid} on host {self.host} (command: {self.command}), since {self.started}, "
-                f"last heartbeat {age:.0f} s ago")
+        return (f"pid {self.pid} on host {self.host} (command: {shlex.join(self.argv) or '?'}), "
+                f"since {self.started}, last heartbeat {age:.0f} s ago")
 
 
 class LockHeld(RuntimeError):
@@ -137,11 +131,9 @@ class LockTimeout(LockHeld):
 
 
 def _held_message(holder: Holder) -> str:
-    if holder.alive:
-        state = f"{holder.folder} is locked by another run: {holder.describe()}."
-    else:
-        state = (f"{holder.folder} is being taken over by another process from a stale lock "
-                 f"({holder.reason}): {holder.describe()}.")
+    state = (f"{holder.folder} is locked by another run: {holder.describe()}." if holder.alive else
+             f"{holder.folder} is being taken over by another process from a stale lock ({holder.reason}): "
+             f"{holder.describe()}.")
     return f"{state}\n{_ADVICE}"
 
 
@@ -153,16 +145,12 @@ def _takeover_message(holder: Holder, force: bool) -> str:
 
 
 def lock_path(folder: str | os.PathLike[str]) -> Path:
-    """The lock file of ``folder``."""
     return Path(folder) / LOCK_NAME
 
 
 def read_holder(folder: str | os.PathLike[str], stale_after: float = DEFAULT_STALE_AFTER) -> Holder | None:
     """Who holds the lock of ``folder`` and whether it is alive, without taking it; None if free."""
     return _read(lock_path(folder), Path(folder), stale_after)
-
-
-# --- this process, and other processes on this host -------------------------------------------
 
 
 def _read_text(path: str) -> str | None:
@@ -193,8 +181,7 @@ def _record(token: str) -> dict[str, Any]:
     """The JSON written into a lock (or claim) file by this process."""
     stat = _proc_stat(os.getpid())
     return {"token": token, "host": socket.gethostname(), "pid": os.getpid(), "argv": sys.argv,
-            "started": datetime.now(UTC).isoformat(timespec="seconds"),
-            "proc_start": stat[1] if stat else None,
+            "started": datetime.now(UTC).isoformat(timespec="seconds"), "proc_start": stat[1] if stat else None,
             "boot_id": _read_text("/proc/sys/kernel/random/boot_id"), "pid_ns": _pid_ns()}
 
 
@@ -230,9 +217,6 @@ def _judge(holder: Holder, stale_after: float) -> tuple[bool, str]:
     if age > stale_after:
         return False, f"{what} for {age:.0f} s, more than {stale_after:g} s"
     return True, f"{what} for {max(age, 0.0):.0f} s, stale after {stale_after:g} s"
-
-
-# --- lock files --------------------------------------------------------------------------------
 
 
 def _parse(data: bytes, folder: Path, stat: os.stat_result) -> Holder:
@@ -299,34 +283,23 @@ def _writable(folder: Path) -> Iterator[None]:
                               f"({err.strerror or err})") from err
 
 
-# --- the lock ----------------------------------------------------------------------------------
-
-
 class FolderLock:
     """Exclusive lock of one writer process on ``folder``; a context manager (see the module docstring).
 
     ``enabled=False`` makes every method a no-op (``torchrun`` ranks other than 0). ``notify``
-    receives takeover, waiting and heartbeat messages (default: printed to stderr).
-    """
+    receives takeover, waiting and heartbeat messages (default: printed to stderr)."""
 
     def __init__(self, folder: str | os.PathLike[str], *, enabled: bool = True,
                  heartbeat: float = DEFAULT_HEARTBEAT, stale_after: float = DEFAULT_STALE_AFTER,
-                 poll: float = DEFAULT_POLL, notify: Notify = _to_stderr) -> None:
+                 poll: float = DEFAULT_POLL, notify: Callable[[str], None] = _to_stderr) -> None:
         if heartbeat <= 0 or poll <= 0:
             raise ValueError(f"heartbeat ({heartbeat}) and poll ({poll}) must be positive")
         if stale_after < 2 * heartbeat:
             raise ValueError(f"stale_after ({stale_after} s) must be at least twice heartbeat ({heartbeat} s)")
-        self.folder = Path(folder)
-        self.path = lock_path(folder)
-        self.enabled = enabled
-        self.heartbeat = heartbeat
-        self.stale_after = stale_after
-        self.poll = poll
-        self.notify = notify
+        self.folder, self.path, self.enabled = Path(folder), lock_path(folder), enabled
+        self.heartbeat, self.stale_after, self.poll, self.notify = heartbeat, stale_after, poll, notify
         self._fd: int | None = None
-        self._token = ""
-        self._pid = 0
-        self._stop = threading.Event()
+        self._token, self._pid, self._stop = "", 0, threading.Event()
         self._beater: threading.Thread | None = None
 
     @property
@@ -335,8 +308,7 @@ class FolderLock:
         return self._fd is not None
 
     def acquire(self, wait: bool = False, timeout: float | None = None, force: bool = False) -> Self:
-        """Take the lock: raise ``LockHeld`` if a live process holds it, or with ``wait`` poll until it
-        is free (``LockTimeout`` after ``timeout`` seconds); ``force`` breaks a live holder's lock."""
+        """Take the lock as the module docstring describes; ``force`` breaks a live holder's lock."""
         if not self.enabled or self.held:
             return self
         try:
@@ -475,8 +447,7 @@ class FolderLock:
 def lock_for_rank(folder: str | os.PathLike[str], rank: int | None = None, **options: Any) -> FolderLock:
     """The lock of ``folder`` for one ``torchrun`` rank: only rank 0 takes it (``rank`` defaults to
     the ``RANK`` environment variable, else 0). ``options`` go to ``FolderLock``."""
-    if rank is None:
-        rank = int(os.environ.get("RANK", "0"))
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     return FolderLock(folder, enabled=rank == 0, **options)
 
 
@@ -488,8 +459,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block SIGTERM raises ``KeyboardInterrupt``, so ``with`` blocks (the lock's) unwind.
 
-    Signal handlers can only be set from the main thread; elsewhere this does nothing.
-    """
+    Signal handlers can only be set from the main thread; elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -57,31 +57,14 @@ class TutorialParams:
     num_rho: int = param(200, ge=2)
     sample_sigmas: list[float] = param([0.1, 0.25, 0.5, 1.0], gt=0, nonempty=True)
     image_index: int = param(0, ge=0)
-    l1_noises: list[dict] = param([
-        {"name": "Uniform"},
-        {"name": "Gaussian"},
-        {"name": "Laplace"},
-        {"name": "ExpInf", "k": 1, "j": 0},
-        {"name": "PowInf", "a": 3082},
-        {"name": "Exp1", "k": 1},
-        {"name": "Pareto", "a": 3},
-        {"name": "Expp", "p": 0.5},
-    ])
-    l2_noises: list[dict] = param([
-        {"name": "Gaussian"},
-        {"name": "Exp2", "k": 1, "j": 0},
-        {"name": "UniformBall"},
-        {"name": "Pow2", "k": 2, "a": 1546},
-        {"name": "Exp2", "k": 4, "j": 0},
-    ])
-    linf_noises: list[dict] = param([
-        {"name": "Uniform"},
-        {"name": "Gaussian"},
-        {"name": "Laplace"},
-        {"name": "ExpInf", "k": 1, "j": 0},
-        {"name": "ExpInf", "k": 10, "j": 0},
-        {"name": "PowInf", "a": 3082},
-    ])
+    l1_noises: list[dict] = param([{"name": "Uniform"}, {"name": "Gaussian"}, {"name": "Laplace"},
+                                   {"name": "ExpInf", "k": 1, "j": 0}, {"name": "PowInf", "a": 3082},
+                                   {"name": "Exp1", "k": 1}, {"name": "Pareto", "a": 3}, {"name": "Expp", "p": 0.5}])
+    l2_noises: list[dict] = param([{"name": "Gaussian"}, {"name": "Exp2", "k": 1, "j": 0}, {"name": "UniformBall"},
+                                   {"name": "Pow2", "k": 2, "a": 1546}, {"name": "Exp2", "k": 4, "j": 0}])
+    linf_noises: list[dict] = param([{"name": "Uniform"}, {"name": "Gaussian"}, {"name": "Laplace"},
+                                     {"name": "ExpInf", "k": 1, "j": 0}, {"name": "ExpInf", "k": 10, "j": 0},
+                                     {"name": "PowInf", "a": 3082}])
 
     def check(self) -> Iterator[tuple[str, str]]:
         """Cross-field checks: yields (field, problem)."""
@@ -136,8 +119,7 @@ class TrainParams:
     ``stability_divergence``: KL (rs4a) or the cross-entropy of the published consistency protocols.
     ``channels_last``: keep the model's convolutions in NHWC memory format (faster on CPU for small
     conv nets such as ``lenet_caffe``; results equal up to float rounding). ``eval_every``: test
-    accuracy (clean, and noisy for noise-based modes) every this many epochs and after the last.
-    """
+    accuracy (clean, and noisy for noise-based modes) every this many epochs and after the last."""
 
     mode: str = param("standard", expect="a training objective from rslib.nn.objectives.OBJECTIVES (standard, noise, "
                                           "stability, smoothadv, direct, heat)")
@@ -189,8 +171,7 @@ class CertifyParams:
     ``radii_of_interest`` (e.g. ``{l2: [0.25, 0.5]}``) with ``looks = K > 1``: sequential
     certification (``rslib.core.certify.Smooth.certify``): the ``n`` estimation draws come in K doubling
     looks at level ``alpha / K`` each, and an input stops once more draws cannot change which of these
-    radii it certifies; rows then record the draws used (``n``) and the stopping look.
-    """
+    radii it certifies; rows then record the draws used (``n``) and the stopping look."""
 
     n0: int = param(100, ge=1)
     n: int = param(100_000, ge=1)
@@ -240,8 +221,7 @@ class AttackParams:
     ``skip``/``max``: every ``skip``-th test image, at most ``max``. ``checkpoint``: a ``.pt``
     path or a sibling experiment's name (default: this experiment's model). ``lbound.csv`` holds
     HeatSmoothing's test statistics with top-k margin ``lbound_topk``; for smoothed targets the
-    softmax is averaged over ``lbound_draws`` noise draws (default: ``draws``).
-    """
+    softmax is averaged over ``lbound_draws`` noise draws (default: ``draws``)."""
 
     target: Literal["base", "smoothed"] = param("base")
     attacks: list[str] = param(["ddn", "pgd", "alma"], nonempty=True,
@@ -294,15 +274,8 @@ def attack_section() -> type:
 
 #: The sections of an experiment file (``attack``: its shared settings; :func:`section_class` adds the
 #: registered attacks' options).
-SECTIONS: dict[str, type] = {
-    "tutorial": TutorialParams,
-    "data": DataParams,
-    "model": ModelParams,
-    "noise": NoiseParams,
-    "train": TrainParams,
-    "certify": CertifyParams,
-    "attack": AttackParams,
-}
+SECTIONS: dict[str, type] = {"tutorial": TutorialParams, "data": DataParams, "model": ModelParams, "noise": NoiseParams,
+                             "train": TrainParams, "certify": CertifyParams, "attack": AttackParams}
 
 
 def cross_check(sections: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
@@ -351,16 +324,12 @@ def section_digest(name: str, values: Mapping[str, Any], *, neutral: bool = True
 class Experiment:
     """A validated experiment; sections are attributes (``exp.tutorial``), None when absent."""
 
-    experiment: str = param(
-        pattern=r"[A-Za-z0-9_][A-Za-z0-9_.-]*",
-        expect="a name of letters, digits, '_', '.' and '-' (not starting with '.' or '-')",
-    )
+    experiment: str = param(pattern=r"[A-Za-z0-9_][A-Za-z0-9_.-]*",
+                            expect="a name of letters, digits, '_', '.' and '-' (not starting with '.' or '-')")
     stages: list[str] = param(nonempty=True)
     description: str = param("")
     seed: int = param(0, ge=0)
-    device: str = param(
-        "auto", pattern=r"auto|cpu|cuda(:\d+)?", expect="'auto', 'cpu', 'cuda' or 'cuda:N'"
-    )
+    device: str = param("auto", pattern=r"auto|cpu|cuda(:\d+)?", expect="'auto', 'cpu', 'cuda' or 'cuda:N'")
     sections: dict[str, Any] = field(default_factory=dict, metadata={"yaml": False})
     source: Path | None = field(default=None, metadata={"yaml": False})
 
@@ -379,33 +348,21 @@ class Experiment:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-able parameters with every default filled in."""
-        out: dict[str, Any] = {
-            "experiment": self.experiment,
-            "description": self.description,
-            "seed": self.seed,
-            "device": self.device,
-            "stages": list(self.stages),
-        }
-        for name, section in self.sections.items():
-            out[name] = dataclasses.asdict(section)
-        return out
+        header = {"experiment": self.experiment, "description": self.description, "seed": self.seed,
+                  "device": self.device, "stages": list(self.stages)}
+        return header | {name: dataclasses.asdict(section) for name, section in self.sections.items()}
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON of the parameters that can change results.
-
-        ``description`` and ``stages`` are left out: editing them does not make finished
-        stages stale.
-        """
-        data = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_DIGEST}
-        return digest(data)
+        """sha256 of the canonical JSON of the parameters that can change results: ``description`` and
+        ``stages`` are left out (editing them does not make finished stages stale)."""
+        return digest({k: v for k, v in self.to_dict().items() if k not in _NOT_IN_DIGEST})
 
     def stage_digest(self, stage: str, salt: str = "") -> str:
         """sha256 of what can change the results of ``stage``: seed, device, the sections it needs
         and those of the stages whose outputs it reads (``Stage.reads``, e.g. certification reads
         training), without fields that only set where data lives or how fast it loads. So editing
         ``certify`` leaves a finished ``train`` and ``attack`` valid, while editing ``train`` makes
-        both stale. ``salt`` mixes in outside inputs (a sibling's digest, a checkpoint file's stamp).
-        """
+        both stale. ``salt`` mixes in outside inputs (a sibling's digest, a checkpoint file's stamp)."""
         STAGES[stage]  # an unknown stage names the choices
         upstream = [stage, *(s for s in STAGES[stage].reads if s in self.stages)]
         names = sorted({section for name in upstream for section in STAGES[name].requires})
@@ -447,8 +404,7 @@ def with_absolute_paths(exp: Experiment, base: str | os.PathLike[str] | None = N
 
     Stage notebooks run inside the experiment's output folder, so paths written relative to the
     folder ``rslib run`` was started from (``base``, default: the current directory) are resolved
-    before they are handed over. Sibling experiment names are left alone.
-    """
+    before they are handed over. Sibling experiment names are left alone."""
     root = Path(base) if base is not None else Path.cwd()
     sections = dict(exp.sections)
 
@@ -470,13 +426,9 @@ def with_absolute_paths(exp: Experiment, base: str | os.PathLike[str] | None = N
     return dataclasses.replace(exp, sections=sections)
 
 
-def validate(
-    raw: Any, source: str | os.PathLike[str] | None = None, label: str | None = None
-) -> Experiment:
-    """Validate a parsed experiment mapping and return the resolved ``Experiment``.
-
-    ``label`` names the input in error messages (default: ``source``).
-    """
+def validate(raw: Any, source: str | os.PathLike[str] | None = None, label: str | None = None) -> Experiment:
+    """Validate a parsed experiment mapping and return the resolved ``Experiment``; ``label`` names the input
+    in error messages (default: ``source``)."""
     label = label or (str(source) if source is not None else "<params>")
     if not isinstance(raw, Mapping):
         raise ParamsError(f"{label}: the file must be a mapping of keys to values, got {raw!r}")
@@ -495,18 +447,13 @@ def validate(
             sections[name] = build(cls, {}, name, label)
     for key, problem in cross_check(sections):
         raise ParamsError(f"{label}: {key} {problem}")
-    return dataclasses.replace(
-        exp, sections=sections, source=Path(source) if source is not None else None
-    )
+    return dataclasses.replace(exp, sections=sections, source=Path(source) if source is not None else None)
 
 
 def load(path: str | os.PathLike[str], **overrides: Any) -> Experiment:
     """Read, override (dotted keys, e.g. ``**{"tutorial.dim": 64}``) and validate an experiment file."""
     path = Path(path)
-    label = str(path)
-    if overrides:
-        label += f" (overrides: {', '.join(overrides)})"
-    raw = read_yaml_mapping(path)
-    return validate(apply_overrides(raw, overrides, label), source=path, label=label)
+    label = str(path) + (f" (overrides: {', '.join(overrides)})" if overrides else "")
+    return validate(apply_overrides(read_yaml_mapping(path), overrides, label), source=path, label=label)
 
 

@@ -16,13 +16,13 @@ with metadata ``results/<table>.json``. :func:`compute_rows` does it in this ord
    checks that none is missing, and the caller's ``publish`` writes the table and its metadata
    atomically; then the partial files are removed.
 
-Append-only files (``rslib.util.tables``): every append writes complete newline-terminated lines and
-fsyncs; reading keeps every whole, parsable line and reports whether the file was clean.
+Appending and reading the partial files: ``rslib.util.tables`` (``append_rows``, ``read_rows``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,12 +33,9 @@ from tqdm.auto import tqdm
 from rslib.nn import distributed
 from rslib.pipeline import layout
 from rslib.util.files import atomic_write_json, atomic_write_text, json_safe, read_json_dict
-from rslib.util.tables import append_rows, csv_text, read_rows
+from rslib.util.tables import append_rows, count_rows, csv_text, read_rows
 
 Log = Callable[[str], None]
-
-
-# --------------------------------------------------------------------------- one sharded table
 
 
 def finished_table(results: Path, table: str, guard: Mapping[str, str],
@@ -53,14 +50,45 @@ def finished_table(results: Path, table: str, guard: Mapping[str, str],
     return also(meta) and all(done.get(k) == guard[k] for k in ("digest", "checkpoint_sha256"))
 
 
+def _float(text: str) -> float:
+    value = float(text)
+    if math.isnan(value):
+        raise ValueError("NaN")
+    return value
+
+
+#: How a field of each dtype is read back (ValueError / KeyError for a bad field).
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "int64": int, "Int64": lambda t: pd.NA if t == "" else int(t), "float64": _float, "object": str,
+    "bool": {"True": True, "False": False}.__getitem__, "boolean": {"True": True, "False": False, "": pd.NA}.__getitem__}
+
+
 @dataclass(frozen=True)
 class RowSchema:
-    """The rows of a partial file: their columns, a parser of one line's fields (ValueError / KeyError
-    for a bad line) and the typed frame of parsed rows."""
+    """The typed rows of a partial file. ``dtypes`` maps each column, in file order, to its pandas dtype,
+    which also says how a field is read back: 'int64', 'float64' (NaN refused) and 'bool' strictly,
+    'Int64' and 'boolean' also from an empty field (missing), 'object' as the text; ``check`` may
+    refuse a parsed row (as ``{column: value}``) with a ValueError."""
 
-    columns: list[str]
-    parse: Callable[[list[str]], list[Any]]
-    frame: Callable[[list[list[Any]]], pd.DataFrame]
+    dtypes: Mapping[str, str]
+    check: Callable[[dict[str, Any]], None] = lambda row: None
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.dtypes)
+
+    def parse(self, fields: list[str]) -> list[Any]:
+        """One line's typed values; ValueError / KeyError for a bad line."""
+        if len(fields) != len(self.dtypes):
+            raise ValueError("wrong number of fields")
+        row = [_PARSERS[dtype](text) for dtype, text in zip(self.dtypes.values(), fields, strict=True)]
+        self.check(dict(zip(self.dtypes, row, strict=True)))
+        return row
+
+    def frame(self, rows: Iterable[Sequence[Any]] = (), columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """Rows as a frame with ``columns`` (default: all), each of its dtype."""
+        columns = list(self.dtypes if columns is None else columns)
+        return pd.DataFrame(list(rows), columns=columns).astype({c: self.dtypes[c] for c in columns})
 
 
 @dataclass(frozen=True)
@@ -77,12 +105,7 @@ class ShardedTable:
     def final(self) -> Path:
         return layout.table_paths(self.results, self.table)[0]
 
-    @property
-    def metadata(self) -> Path:
-        return layout.table_paths(self.results, self.table)[1]
-
     def finished(self, guard: Mapping[str, str], also: Callable[[dict[str, Any]], bool] = lambda _: True) -> bool:
-        """Whether the table exists and its metadata holds the same digest and checkpoint (and ``also``)."""
         return finished_table(self.results, self.table, guard, also)
 
     def read_partial(self, path: Path) -> tuple[pd.DataFrame, bool]:
@@ -133,11 +156,20 @@ class ShardedTable:
 
     def publish(self, text: str, meta: Mapping[str, Any]) -> None:
         """Write the table and its metadata atomically, then remove the partial files and their guard."""
-        atomic_write_text(self.final, text)
-        atomic_write_json(self.metadata, json_safe(dict(meta)))
+        final, metadata = layout.table_paths(self.results, self.table)
+        atomic_write_text(final, text)
+        atomic_write_json(metadata, json_safe(dict(meta)))
         for path in layout.partial_files(self.results, self.table):
             path.unlink(missing_ok=True)
         layout.partial_guard_path(self.results, self.table).unlink(missing_ok=True)
+
+
+def rows_on_disk(table: str) -> Callable[[Path], str]:
+    """A stage's ``progress`` while it computes ``table`` (a glob pattern): the rows of its partial files."""
+    def progress(exp_dir: Path) -> str:
+        rows = count_rows(layout.partial_files(layout.results_dir(exp_dir), table))
+        return f"{rows} row(s) on disk" if rows else ""
+    return progress
 
 
 ChunkResult = tuple[pd.DataFrame, Mapping[str, str]]
@@ -150,8 +182,7 @@ def compute_rows(table: ShardedTable, ctx: distributed.Context, selection: Seque
     (None on the other ranks) and the number of images that had no row when the call started.
 
     ``compute(chunk)`` returns the rows of a list of image indices and a progress-bar postfix;
-    ``describe(remaining)`` the line announcing the work. Call only when ``table.finished(guard)`` is False.
-    """
+    ``describe(remaining)`` the line announcing the work. Call only when ``table.finished(guard)`` is False."""
     say = log if ctx.is_main else (lambda _: None)
     table.results.mkdir(parents=True, exist_ok=True)
     if ctx.is_main:
@@ -160,10 +191,8 @@ def compute_rows(table: ShardedTable, ctx: distributed.Context, selection: Seque
     done = set(table.merge(selection)["idx"].tolist())
     chunks = [list(selection[i:i + chunk_size]) for i in range(0, len(selection), chunk_size)]
     mine = chunks[ctx.rank::ctx.world_size]
-    if whole_chunks:
-        todo = [chunk for chunk in mine if not set(chunk) <= done]
-    else:
-        todo = [left for chunk in mine if (left := [i for i in chunk if i not in done])]
+    todo = ([chunk for chunk in mine if not set(chunk) <= done] if whole_chunks
+            else [left for chunk in mine if (left := [i for i in chunk if i not in done])])
     own = table.repair(ctx.rank, say)
     say(describe(len(selection) - len(done)))
     total = sum(len(chunk) for chunk in mine)

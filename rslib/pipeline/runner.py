@@ -82,7 +82,6 @@ class RunReport:
 
     @property
     def ok(self) -> bool:
-        """True when every stage ran or was skipped."""
         return all(s.status in ("ran", "skipped") for s in self.stages)
 
 
@@ -98,47 +97,33 @@ def read_marker(out_dir: Path, stage: str) -> dict[str, Any] | None:
     return read_json_dict(layout.marker_path(out_dir, stage))
 
 
-def plan(
-    exp: params.Experiment,
-    only: Sequence[str] | None = None,
-    force: bool = False,
-    output_root: str | os.PathLike[str] = "outputs",
-    notebooks_dir: str | os.PathLike[str] | None = None,
-    salt: str = "",
-) -> list[PlannedStage]:
+def plan(exp: params.Experiment, only: Sequence[str] | None = None, force: bool = False,
+         output_root: str | os.PathLike[str] = "outputs", notebooks_dir: str | os.PathLike[str] | None = None,
+         salt: str = "") -> list[PlannedStage]:
     """Decide, without side effects, which stages run and which are skipped as finished.
 
     A stage is finished when its marker holds ``exp.stage_digest(stage, salt + stamp)``, the stamp
-    covering checkpoint files named by path (``params.checkpoint_files_stamp``).
-    """
-    if only is not None:
-        if not only:
-            raise params.ParamsError("only: no stage names given")
-        for name in only:
-            if name not in exp.stages:
-                raise params.ParamsError(
-                    f"only: stage {name!r} is not among the stages of experiment "
-                    f"'{exp.experiment}' ({', '.join(exp.stages)})"
-                )
+    covering checkpoint files named by path (``params.checkpoint_files_stamp``)."""
+    if only is not None and not only:
+        raise params.ParamsError("only: no stage names given")
+    for name in only or ():
+        if name not in exp.stages:
+            raise params.ParamsError(f"only: stage {name!r} is not among the stages of experiment "
+                                     f"'{exp.experiment}' ({', '.join(exp.stages)})")
     exp_dir = layout.experiment_dir(exp.experiment, output_root)
     salt += params.checkpoint_files_stamp(exp)
-    return [
-        plan_stage(name, stage_notebook(STAGES[name].notebook, notebooks_dir), exp_dir,
-                   exp.stage_digest(name, salt), force)
-        for name in exp.stages
-        if only is None or name in only
-    ]
+    return [plan_stage(name, stage_notebook(STAGES[name].notebook, notebooks_dir), exp_dir,
+                       exp.stage_digest(name, salt), force)
+            for name in exp.stages if only is None or name in only]
 
 
 def stage_notebook(stem: str, notebooks_dir: str | os.PathLike[str] | None = None) -> Path:
     """``<notebooks_dir>/<stem>.ipynb``; RunError when the folder or the notebook is missing."""
     nb_dir = Path(notebooks_dir) if notebooks_dir is not None else default_notebooks_dir()
     if not nb_dir.is_dir():
-        raise RunError(
-            f"notebooks folder {nb_dir} not found: the stage notebooks ship with the source "
-            "checkout (git clone the repository and install it with pip install -e .), "
-            "or pass notebooks_dir / --notebooks-dir"
-        )
+        raise RunError(f"notebooks folder {nb_dir} not found: the stage notebooks ship with the source "
+                       "checkout (git clone the repository and install it with pip install -e .), "
+                       "or pass notebooks_dir / --notebooks-dir")
     notebook = nb_dir / f"{stem}.ipynb"
     if not notebook.is_file():
         raise RunError(f"stage {stem!r}: notebook {notebook} not found")
@@ -161,12 +146,9 @@ def plan_stage(name: str, notebook: Path, out_dir: Path, digest: str, force: boo
 
 def format_plan(exp: params.Experiment, planned: list[PlannedStage], exp_dir: Path) -> str:
     """A short human-readable plan."""
-    lines = [f"experiment '{exp.experiment}' -> {exp_dir}"]
-    lines += [f"  {p.name}: {p.action} ({p.reason})" for p in planned]
-    return "\n".join(lines)
+    lines = [f"  {p.name}: {p.action} ({p.reason})" for p in planned]
+    return "\n".join([f"experiment '{exp.experiment}' -> {exp_dir}", *lines])
 
-
-# --------------------------------------------------------------------------- kernel
 
 _PYTHON_ALIASES = {"python", f"python{sys.version_info[0]}", "python{}.{}".format(*sys.version_info[:2])}
 
@@ -178,11 +160,9 @@ def _launches_this_python(argv: Sequence[str]) -> bool:
 
 
 def kernel_for_current_python(work_dir: Path) -> tuple[str, Path | None]:
-    """A kernel name that runs ``sys.executable``, and the JUPYTER_PATH entry it needs (or None).
-
-    The environment's ``python3`` kernelspec is used when it launches this interpreter;
-    otherwise a kernelspec for ``sys.executable`` is written under ``work_dir/.jupyter``.
-    """
+    """A kernel name that runs ``sys.executable``, and the JUPYTER_PATH entry it needs (or None): the environment's
+    ``python3`` kernelspec when it launches this interpreter, else one for ``sys.executable`` written under
+    ``work_dir/.jupyter``."""
     from ipykernel.kernelspec import write_kernel_spec
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
@@ -217,9 +197,6 @@ def _jupyter_path(extra: Path | None) -> Iterator[None]:
             os.environ["JUPYTER_PATH"] = old
 
 
-# --------------------------------------------------------------------------- execution
-
-
 def _execute(stage: PlannedStage, out_dir: Path, params_file: Path, kernel: str, progress: bool) -> StageResult:
     """Run one stage notebook; write the executed notebook and, on success, the marker."""
     import papermill
@@ -232,16 +209,10 @@ def _execute(stage: PlannedStage, out_dir: Path, params_file: Path, kernel: str,
     start = time.perf_counter()
     try:
         papermill.execute_notebook(
-            str(stage.notebook),
-            str(partial),
-            parameters={"params_file": str(params_file), "output_dir": str(out_dir)},
-            kernel_name=kernel,
-            language="python",
-            cwd=str(out_dir),
+            str(stage.notebook), str(partial), parameters={"params_file": str(params_file), "output_dir": str(out_dir)},
+            kernel_name=kernel, language="python", cwd=str(out_dir), log_output=False,
             progress_bar=progress and {"desc": stage.name, "unit": "cell", "leave": False},
-            log_output=False,
-            extra_arguments=["--IPKernelApp.log_level=ERROR"],  # not the per-kernel "TCP without encryption" notice
-        )
+            extra_arguments=["--IPKernelApp.log_level=ERROR"])  # not the per-kernel "TCP without encryption" notice
         ok = True
     except PapermillExecutionError as err:
         error = f"{err.ename}: {err.evalue}"
@@ -254,32 +225,16 @@ def _execute(stage: PlannedStage, out_dir: Path, params_file: Path, kernel: str,
     if not ok:
         return StageResult(stage.name, "failed", seconds, failed if failed.exists() else None, error)
     failed.unlink(missing_ok=True)
-    atomic_write_json(
-        layout.marker_path(out_dir, stage.name),
-        {
-            "stage": stage.name,
-            "digest": stage.digest,
-            "notebook": final.name,
-            "seconds": round(seconds, 3),
-            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "provenance": provenance(),
-        },
-    )
+    atomic_write_json(layout.marker_path(out_dir, stage.name), {
+        "stage": stage.name, "digest": stage.digest, "notebook": final.name, "seconds": round(seconds, 3),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"), "provenance": provenance()})
     return StageResult(stage.name, "ran", seconds, final)
 
 
-def execute_stages(
-    planned: Sequence[PlannedStage],
-    out_dir: Path,
-    params_file: Path,
-    report: RunReport,
-    log: Callable[[str], None] = print,
-    progress: bool = False,
-) -> None:
-    """Execute the planned stages in order into ``out_dir``, appending outcomes to ``report``.
-
-    Skipped stages are recorded as such; the first failure stops the sequence (later stages: 'not run').
-    """
+def execute_stages(planned: Sequence[PlannedStage], out_dir: Path, params_file: Path, report: RunReport,
+                   log: Callable[[str], None] = print, progress: bool = False) -> None:
+    """Execute the planned stages in order into ``out_dir``, appending outcomes to ``report``; the first failure
+    stops the sequence (later stages: 'not run')."""
     kernel: tuple[str, Path | None] | None = None
     for i, stage in enumerate(planned):
         label = f"{report.experiment}: {stage.name}"
@@ -313,30 +268,19 @@ def prepare_output(out_dir: Path, params_text: str) -> Path:
 
 def resolved_params_text(exp: params.Experiment, note: str = "") -> str:
     """The experiment's resolved parameters as commented YAML."""
-    header = f"# Resolved parameters of {exp.source}, written by rslib run.\n"
-    if note:
-        header += f"# {note}\n"
+    header = f"# Resolved parameters of {exp.source}, written by rslib run.\n" + (f"# {note}\n" if note else "")
     return header + yaml.safe_dump(exp.to_dict(), sort_keys=False)
 
 
-def run_experiment(
-    exp: params.Experiment,
-    only: Sequence[str] | None = None,
-    force: bool = False,
-    output_root: str | os.PathLike[str] = "outputs",
-    notebooks_dir: str | os.PathLike[str] | None = None,
-    log: Callable[[str], None] = print,
-    salt: str = "",
-    note: str = "",
-    progress: bool = False,
-    lock: LockPolicy = REFUSE,
-) -> RunReport:
+def run_experiment(exp: params.Experiment, only: Sequence[str] | None = None, force: bool = False,
+                   output_root: str | os.PathLike[str] = "outputs", notebooks_dir: str | os.PathLike[str] | None = None,
+                   log: Callable[[str], None] = print, salt: str = "", note: str = "", progress: bool = False,
+                   lock: LockPolicy = REFUSE) -> RunReport:
     """Execute the (selected) stage notebooks of a validated experiment in order, holding its folder's lock.
 
     Finished stages whose marker matches the stage digest are skipped unless ``force``; the first
     failing stage stops the experiment, its notebook kept as ``<stage>.failed.ipynb``. Raises
-    ``rslib.pipeline.locks.LockHeld`` when another run holds the folder (unless ``lock.wait``).
-    """
+    ``rslib.pipeline.locks.LockHeld`` when another run holds the folder (unless ``lock.wait``)."""
     exp_dir = layout.experiment_dir(exp.experiment, output_root)
     plan(exp, only, force, output_root, notebooks_dir, salt)  # invalid settings fail before anything is written
     with lock.lock(exp_dir, log):
@@ -348,23 +292,14 @@ def run_experiment(
     return report
 
 
-def run_file(
-    params_path: str | os.PathLike[str],
-    only: Sequence[str] | None = None,
-    overrides: dict[str, Any] | None = None,
-    force: bool = False,
-    output_root: str | os.PathLike[str] = "outputs",
-    notebooks_dir: str | os.PathLike[str] | None = None,
-    log: Callable[[str], None] = print,
-    progress: bool = False,
-    lock: LockPolicy = REFUSE,
-) -> RunReport:
+def run_file(params_path: str | os.PathLike[str], only: Sequence[str] | None = None,
+             overrides: dict[str, Any] | None = None, force: bool = False,
+             output_root: str | os.PathLike[str] = "outputs", notebooks_dir: str | os.PathLike[str] | None = None,
+             log: Callable[[str], None] = print, progress: bool = False, lock: LockPolicy = REFUSE) -> RunReport:
     """Validate an experiment file, then execute its (selected) stage notebooks in order.
 
     Raises ``ParamsError`` or ``RunError`` before any output is written if the setup is invalid,
-    ``LockHeld`` when another run holds the experiment.
-    """
+    ``LockHeld`` when another run holds the experiment."""
     exp = params.load(params_path, **(overrides or {}))
     note = ("Overrides: " + ", ".join(f"{k}={v!r}" for k, v in overrides.items())) if overrides else ""
-    return run_experiment(exp, only, force, output_root, notebooks_dir, log, note=note, progress=progress,
-                          lock=lock)
+    return run_experiment(exp, only, force, output_root, notebooks_dir, log, note=note, progress=progress, lock=lock)

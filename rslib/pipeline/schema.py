@@ -28,20 +28,9 @@ class ParamsError(ValueError):
 _UNSET = object()
 
 
-def param(
-    default: Any = dataclasses.MISSING,
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-    pattern: str | None = None,
-    nonempty: bool = False,
-    expect: str | None = None,
-    digest: bool = True,
-    neutral: Any = _UNSET,
-    speed_only: Any = _UNSET,
-) -> Any:
+def param(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+          le: float | None = None, lt: float | None = None, pattern: str | None = None, nonempty: bool = False,
+          expect: str | None = None, digest: bool = True, neutral: Any = _UNSET, speed_only: Any = _UNSET) -> Any:
     """A dataclass field with validation metadata and its place in stage digests.
 
     Bounds (``ge``/``gt``/``le``/``lt``) apply to numbers and to every number of a list;
@@ -52,8 +41,7 @@ def param(
     live or how fast they load); ``speed_only=v`` makes every value count as ``v`` (the field sets how
     fast a stage runs, not what it computes; ``v`` is what it counted as before it was declared so);
     ``neutral=v`` leaves it out while it holds ``v`` (a field added after digests were first written,
-    at the value that reproduces what rslib did before it existed).
-    """
+    at the value that reproduces what rslib did before it existed)."""
     bounds = {"ge": ge, "gt": gt, "le": le, "lt": lt, "pattern": pattern, "expect": expect}
     meta = {k: v for k, v in bounds.items() if v is not None}
     if nonempty:
@@ -114,12 +102,8 @@ def describe(tp: Any, meta: Mapping[str, Any]) -> str:
 
 
 def _in_bounds(value: float, meta: Mapping[str, Any]) -> bool:
-    return (
-        ("ge" not in meta or value >= meta["ge"])
-        and ("gt" not in meta or value > meta["gt"])
-        and ("le" not in meta or value <= meta["le"])
-        and ("lt" not in meta or value < meta["lt"])
-    )
+    return (("ge" not in meta or value >= meta["ge"]) and ("gt" not in meta or value > meta["gt"])
+            and ("le" not in meta or value <= meta["le"]) and ("lt" not in meta or value < meta["lt"]))
 
 
 def _coerce(value: Any, tp: Any, meta: Mapping[str, Any], key: str, source: str) -> Any:
@@ -171,9 +155,7 @@ def _value(value: Any, tp: Any, meta: Mapping[str, Any], key: str, source: str) 
 def check_keys(raw: Mapping[Any, Any], valid: list[str], prefix: str, source: str) -> None:
     for key in raw:
         if key not in valid:
-            raise ParamsError(
-                f"{source}: unknown key '{_dotted(prefix, str(key))}' (valid keys: {', '.join(valid)})"
-            )
+            raise ParamsError(f"{source}: unknown key '{_dotted(prefix, str(key))}' (valid keys: {', '.join(valid)})")
 
 
 def build(cls: type, raw: Any, prefix: str, source: str, **extra: Any) -> Any:
@@ -200,10 +182,8 @@ def build(cls: type, raw: Any, prefix: str, source: str, **extra: Any) -> Any:
 
 
 def has_defaults(cls: type) -> bool:
-    return all(
-        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-        for f in yaml_fields(cls)
-    )
+    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+               for f in yaml_fields(cls))
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any], label: str) -> dict[str, Any]:

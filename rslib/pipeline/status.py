@@ -45,11 +45,8 @@ def failure_message(notebook: Path) -> str:
 
 def experiment_status(name: str, exp_dir: Path, stages: Sequence[str],
                       planned: Sequence[runner.PlannedStage] | None = None) -> list[StageStatus]:
-    """The state of every stage of one experiment folder.
-
-    ``planned`` (from ``runner.plan``) tells whether a finished stage is still valid for the current
-    parameters; without it a marker counts as finished.
-    """
+    """The state of every stage of one experiment folder. ``planned`` (from ``runner.plan``) tells whether a
+    finished stage is still valid for the current parameters; without it a marker counts as finished."""
     holder = locks.read_holder(exp_dir)
     current = {p.name: p for p in planned or []}
     out, first_open = [], True

@@ -39,21 +39,16 @@ def save_figure(fig: Figure, path_without_suffix: str | os.PathLike[str]) -> lis
     """Save ``fig`` as ``<path>.png`` (dpi 150) and ``<path>.pdf``; return both paths.
 
     Each file is rendered in memory, then written atomically (temporary file + rename), so a
-    crash never leaves a half-written figure; missing folders are created.
-    """
+    crash never leaves a half-written figure; missing folders are created."""
     base = Path(path_without_suffix)
     paths = []
     for fmt in FIGURE_FORMATS:
         buffer = BytesIO()
-        options: dict[str, Any] = {"format": fmt, "bbox_inches": "tight"}
-        if fmt == "png":
-            options["dpi"] = PNG_DPI
-        else:
-            options["metadata"] = {"CreationDate": None}  # identical bytes for identical figures
-        fig.savefig(buffer, **options)
-        path = base.with_name(f"{base.name}.{fmt}")
-        atomic_write_bytes(path, buffer.getvalue())
-        paths.append(path)
+        # pdf without CreationDate: identical bytes for identical figures
+        options = {"dpi": PNG_DPI} if fmt == "png" else {"metadata": {"CreationDate": None}}
+        fig.savefig(buffer, format=fmt, bbox_inches="tight", **options)
+        paths.append(base.with_name(f"{base.name}.{fmt}"))
+        atomic_write_bytes(paths[-1], buffer.getvalue())
     return paths
 
 
@@ -77,24 +72,16 @@ def _segments(rho: np.ndarray, radius: np.ndarray, mask: np.ndarray) -> tuple[np
     return rho, np.where(keep, radius, np.nan)
 
 
-def plot_radius_curves(
-    frame: pd.DataFrame,
-    ax: Axes | None = None,
-    title: str | None = None,
-    *,
-    palette: Mapping[str, Any] | None = None,
-    logy: bool = False,
-    legend_loc: str = "outside",
-    markers: int = 8,
-) -> Axes:
+def plot_radius_curves(frame: pd.DataFrame, ax: Axes | None = None, title: str | None = None, *,
+                       palette: Mapping[str, Any] | None = None, logy: bool = False, legend_loc: str = "outside",
+                       markers: int = 8) -> Axes:
     """Certified radius versus rho, one line per noise, for a ``radius_curves`` frame of one norm.
 
     Solid where the radius is a direct certificate for the norm, dashed where it comes from norm
     conversion (the legend names the norm converted from). Each line also carries about
     ``markers`` markers, staggered between noises, so curves that coincide stay distinguishable.
     ``logy`` puts radii on a log axis (zero radii, at rho <= 1/2, are then not drawn).
-    ``legend_loc`` is a matplotlib location, or 'outside' (right of the axes).
-    """
+    ``legend_loc`` is a matplotlib location, or 'outside' (right of the axes)."""
     norms = frame["norm"].unique()
     if len(norms) != 1:
         raise ValueError(f"plot_radius_curves needs one norm per axes; the frame has {list(norms)}")
@@ -119,13 +106,11 @@ def plot_radius_curves(
         step = max(1, len(rho) // max(1, markers))
         line = {"color": colors.get(label), "lw": 1.8, "marker": _MARKERS[i % len(_MARKERS)],
                 "markersize": 5, "markevery": (min(len(rho) - 1, (i * step) // len(labels)), step)}
-        direct_x, direct_y = _segments(rho, radius, ~converted)
-        conv_x, conv_y = _segments(rho, radius, converted)
         if (~converted).any():
-            ax.plot(direct_x, direct_y, label=name, **line)
+            ax.plot(*_segments(rho, radius, ~converted), label=name, **line)
             name = None
         if converted.any():
-            ax.plot(conv_x, conv_y, ls="--", label=name, **line)
+            ax.plot(*_segments(rho, radius, converted), ls="--", label=name, **line)
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(r"$\rho$ = lower bound on P[$f(x + \delta)$ = top class]")
@@ -145,22 +130,14 @@ def plot_radius_curves(
     return ax
 
 
-def plot_noise_samples(
-    image: torch.Tensor,
-    noises: Sequence[Mapping[str, Any] | str],
-    sigmas: Sequence[float],
-    generator_seed: int = 0,
-    *,
-    show_clean: bool = True,
-    cmap: str = "gray",
-) -> Figure:
+def plot_noise_samples(image: torch.Tensor, noises: Sequence[Mapping[str, Any] | str], sigmas: Sequence[float],
+                       generator_seed: int = 0, *, show_clean: bool = True, cmap: str = "gray") -> Figure:
     """A grid of ``image + noise`` (rows: noises, columns: sigmas), clipped to [0, 1] for display.
 
     ``image`` is one image (C, H, W) or (H, W) in [0, 1]; ``noises`` are specs such as
     ``{"name": "Pareto", "a": 3}`` (or bare names), built at ``dim = image.numel()``. One seeded
     ``torch.Generator`` draws every sample, so the figure is reproducible. With ``show_clean``,
-    the first column shows the clean image.
-    """
+    the first column shows the clean image."""
     image = torch.as_tensor(image, dtype=torch.float32).detach().cpu()
     if image.dim() == 2:
         image = image.unsqueeze(0)
@@ -172,8 +149,7 @@ def plot_noise_samples(
     generator = torch.Generator().manual_seed(int(generator_seed))
     offset = 1 if show_clean else 0
     ncols = len(sigmas) + offset
-    fig, axes = plt.subplots(len(specs), ncols, figsize=(1.7 * ncols + 0.6, 1.8 * len(specs) + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(specs), ncols, figsize=(1.7 * ncols + 0.6, 1.8 * len(specs) + 0.4), squeeze=False)
 
     def show(ax: Axes, picture: torch.Tensor) -> None:
         pixels = picture.clamp(0.0, 1.0).permute(1, 2, 0).numpy()
@@ -181,8 +157,7 @@ def plot_noise_samples(
             ax.imshow(pixels[:, :, 0], cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
         else:
             ax.imshow(pixels, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
         ax.grid(False)
 
     for row, spec in enumerate(specs):
@@ -223,6 +198,25 @@ def plot_training_curves(metrics: pd.DataFrame) -> Figure:
     return fig
 
 
+def _titled(fig: Figure, title: str | None) -> Figure:
+    """``fig`` with ``title`` above its panels (when given), laid out tight."""
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _norm_panels(frame: pd.DataFrame, key: str, width: float, height: float, sharey: bool = False
+                 ) -> tuple[Figure, list[tuple[Axes, str, pd.DataFrame]], dict[str, Any]]:
+    """A figure with one panel per norm of ``frame`` (in order of appearance): the figure, (axes, norm,
+    that norm's rows) per panel, and a color per value of column ``key``."""
+    style()
+    norms = list(dict.fromkeys(frame["norm"]))
+    fig, axes = _panels(len(norms), width, height, sharey=sharey)
+    panels = [(ax, norm, frame[frame["norm"] == norm]) for ax, norm in zip(axes, norms, strict=True)]
+    return fig, panels, noise_palette(list(dict.fromkeys(frame[key])))
+
+
 def plot_certified_accuracy(curves: pd.DataFrame, title: str | None = None) -> Figure:
     """Certified accuracy versus radius, one panel per norm, from ``metrics.accuracy_curves`` rows.
 
@@ -230,14 +224,9 @@ def plot_certified_accuracy(curves: pd.DataFrame, title: str | None = None) -> F
     two points the accuracy is that of the right one, drawn 'steps-pre') and optionally source (the
     norms the radii were certified in; the legend says so when it is not the panel's norm). Each
     method gets a line; methods whose name says 'approximate' are dashed, so the L-bound never
-    passes for a certificate.
-    """
-    style()
-    norms = list(dict.fromkeys(curves["norm"]))
-    fig, axes = plt.subplots(1, len(norms), figsize=(4.6 * len(norms), 3.8), squeeze=False)
-    colors = noise_palette(list(dict.fromkeys(curves["method"])))
-    for ax, norm in zip(axes[0], norms, strict=True):
-        part = curves[curves["norm"] == norm]
+    passes for a certificate."""
+    fig, panels, colors = _norm_panels(curves, "method", 4.6, 3.8)
+    for ax, norm, part in panels:
         for method, line in part.groupby("method", sort=False):
             line = line.sort_values("radius")
             source = str(line["source"].iloc[0]) if "source" in line else norm
@@ -248,10 +237,7 @@ def plot_certified_accuracy(curves: pd.DataFrame, title: str | None = None) -> F
         ax.set(xlabel=f"{_NORM_TEX.get(norm, norm)} radius", ylabel="certified accuracy", ylim=(0, 1.02),
                xlim=(0, None), title=f"{_NORM_TEX.get(norm, norm)} adversary")
         ax.legend(loc="upper right", fontsize="small")
-    if title is not None:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return _titled(fig, title)
 
 
 def plot_attack_cdf(cdf: pd.DataFrame, title: str | None = None) -> Figure:
@@ -261,14 +247,9 @@ def plot_attack_cdf(cdf: pd.DataFrame, title: str | None = None) -> Figure:
     successfully at a distance <= ``distance``; failures never count, so each curve ends at its
     attack's success rate) and images. Drawn as right-continuous steps ('steps-post'); the legend
     gives each attack's success rate and the distance at which half of all inputs are fooled
-    (inf when fewer than half are).
-    """
-    style()
-    norms = list(dict.fromkeys(cdf["norm"]))
-    fig, axes = plt.subplots(1, len(norms), figsize=(6.0 * len(norms), 4.2), squeeze=False)
-    colors = noise_palette(list(dict.fromkeys(cdf["attack"])))
-    for ax, norm in zip(axes[0], norms, strict=True):
-        part = cdf[cdf["norm"] == norm]
+    (inf when fewer than half are)."""
+    fig, panels, colors = _norm_panels(cdf, "attack", 6.0, 4.2)
+    for ax, norm, part in panels:
         for i, (attack, line) in enumerate(part.groupby("attack", sort=False)):
             line = line.sort_values("distance")
             distance, fraction = line["distance"].to_numpy(float), line["fraction"].to_numpy(float)
@@ -282,10 +263,7 @@ def plot_attack_cdf(cdf: pd.DataFrame, title: str | None = None) -> Figure:
         ax.set(xlabel=f"{tex} distance r", ylabel="fraction of ALL inputs\nfooled at distance <= r",
                ylim=(0, 1.02), xlim=(0, None), title=f"{tex} adversarial distance (failures never count)")
         ax.legend(loc="best", fontsize="small")
-    if title is not None:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return _titled(fig, title)
 
 
 # --------------------------------------------------------------------------- study figures
@@ -312,8 +290,7 @@ def _panels(count: int, width: float = 4.6, height: float = 3.8, ncols: int | No
             sharey: bool = True) -> tuple[Figure, list[Axes]]:
     ncols = ncols or count
     nrows = -(-count // ncols)
-    fig, grid = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False,
-                             sharey=sharey)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, sharey=sharey)
     axes = list(grid.ravel())
     for ax in axes[count:]:
         ax.set_visible(False)
@@ -335,9 +312,7 @@ def _converted_note(part: pd.DataFrame, norm: str, what: str = "models") -> str:
 def _finish(fig: Figure, axes: Sequence[Axes], title: str | None, caption: str | None = None,
             extra: Sequence[tuple[Any, str]] = ()) -> None:
     """Title, layout, then the shared legend right of the last axes and the caption below."""
-    if title is not None:
-        fig.suptitle(title)
-    fig.tight_layout()
+    _titled(fig, title)
     _legend_right(fig, axes, extra)
     if caption:
         _caption(fig, caption)
@@ -352,15 +327,10 @@ def plot_study_certified_accuracy(curves: pd.DataFrame, title: str | None = None
     solid; HeatSmoothing's approximate L-bound (a method whose name says 'approximate') is dashed
     in the model's colour. A panel whose radii come from norm conversion says so in its title.
     ``reference`` (``rslib.report.results.reference_rows``: label, radius, accuracy) adds the published
-    numbers to the l2 panel: dotted, with markers, in the model's colour.
-    """
-    style()
-    norms = list(dict.fromkeys(curves["norm"]))
-    colors = noise_palette(list(dict.fromkeys(curves["label"])))
-    fig, axes = _panels(len(norms), width=5.0, height=4.0)
-    for ax, norm in zip(axes, norms, strict=True):
+    numbers to the l2 panel: dotted, with markers, in the model's colour."""
+    fig, panels, colors = _norm_panels(curves, "label", 5.0, 4.0, sharey=True)
+    for ax, norm, part in panels:
         tex = _NORM_TEX.get(norm, norm)
-        part = curves[curves["norm"] == norm]
         for (label, method), line in part.groupby(["label", "method"], sort=False):
             line = line.sort_values("radius")
             approximate = "approximate" in method.lower()
@@ -375,6 +345,7 @@ def plot_study_certified_accuracy(curves: pd.DataFrame, title: str | None = None
         monte_carlo = part[~part["method"].str.contains("approximate", case=False)]
         ax.set(xlabel=f"{tex} radius r", ylim=(0, 1.02), xlim=(0, None),
                title=f"{tex} adversary" + _converted_note(monte_carlo, norm))
+    axes = [ax for ax, _, _ in panels]
     axes[0].set_ylabel("certified accuracy\n(fraction of all inputs)")
     has_lbound = curves["method"].str.contains("approximate", case=False).any()
     _finish(fig, axes, title, certified_accuracy_caption(has_lbound, reference is not None and len(reference) > 0))
@@ -400,8 +371,7 @@ def plot_sigma_facets(curves: pd.DataFrame, norm: str, families: Sequence[str],
     ``curves``: ``group_curves`` rows; ``families``: the families to draw (those with several
     sigmas). With ``envelope`` (``rslib.report.results.envelope`` rows) each panel also shows the family's
     envelope, the best accuracy over sigma at every radius, as a thick grey band. A sigma keeps its
-    colour in every panel.
-    """
+    colour in every panel."""
     style()
     part = curves[(curves["norm"] == norm) & curves["family"].isin(families)
                   & ~curves["method"].str.contains("approximate", case=False)]
@@ -430,21 +400,17 @@ def plot_sigma_facets(curves: pd.DataFrame, norm: str, families: Sequence[str],
 
 
 def plot_envelopes(envelope: pd.DataFrame, title: str | None = None) -> Figure:
-    """The envelope over sigma per noise family: one panel per norm, one line per family.
-
-    ``envelope``: ``rslib.report.results.envelope`` rows (exact step functions, drawn 'steps-pre').
-    """
-    style()
-    norms = list(dict.fromkeys(envelope["norm"]))
-    colors = noise_palette(list(dict.fromkeys(envelope["family"])))
-    fig, axes = _panels(len(norms), width=5.0, height=4.0)
-    for ax, norm in zip(axes, norms, strict=True):
+    """The envelope over sigma per noise family: one panel per norm, one line per family, from
+    ``rslib.report.results.envelope`` rows (exact step functions, drawn 'steps-pre')."""
+    fig, panels, colors = _norm_panels(envelope, "family", 5.0, 4.0, sharey=True)
+    for ax, norm, part in panels:
         tex = _NORM_TEX.get(norm, norm)
-        for i, (family, line) in enumerate(envelope[envelope["norm"] == norm].groupby("family", sort=False)):
+        for i, (family, line) in enumerate(part.groupby("family", sort=False)):
             line = line.sort_values("radius")
             ax.plot(line["radius"], line["certified_accuracy"], drawstyle="steps-pre", lw=1.8,
                     color=colors[family], ls=("-", "--", "-.", ":")[i // 10 % 4], label=family)
         ax.set(xlabel=f"{tex} radius r", ylim=(0, 1.02), xlim=(0, None), title=f"{tex} adversary")
+    axes = [ax for ax, _, _ in panels]
     axes[0].set_ylabel("best certified accuracy over σ")
     _finish(fig, axes, title, "Envelope: at every radius, the highest certified accuracy reached by any sigma of "
                               "the noise (each sigma is a separately trained and certified model).")
@@ -458,8 +424,7 @@ def plot_study_attack_cdf(cdf: pd.DataFrame, not_certified: pd.DataFrame | None 
     ``cdf``: ``rslib.report.results.attack_cdf`` rows (percent of ALL inputs attacked successfully at distance
     <= r; failures never count; 'steps-post'). With ``not_certified`` (``rslib.report.results.not_certified``
     rows) each model with a certificate also gets a dashed line in its colour: the percent of inputs
-    NOT certified at radius r, which for a sound certificate bounds the attackable percent from above.
-    """
+    NOT certified at radius r, which for a sound certificate bounds the attackable percent from above."""
     style()
     attacks = list(dict.fromkeys(cdf["attack"]))
     colors = noise_palette(list(dict.fromkeys(cdf["label"])))
@@ -499,8 +464,7 @@ def plot_lbound_distribution(distribution: pd.DataFrame, title: str | None = Non
 
     Left: ECDF of the L-bound over correctly classified inputs. Right (when some attack succeeded on a
     correct input): L-bound against the smallest successful attack distance; points below the
-    diagonal are inputs where the approximate bound does not hold.
-    """
+    diagonal are inputs where the approximate bound does not hold."""
     style()
     correct = distribution[distribution["correct"].astype(bool)]
     attacked = correct[np.isfinite(correct["attack_l2"].to_numpy(float))]

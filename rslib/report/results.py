@@ -80,19 +80,14 @@ def describe(exp: StudyExperiment) -> dict[str, Any]:
 
 
 def _why_missing(exp: StudyExperiment, stage: str) -> str:
-    if stage not in exp.experiment.stages:
-        return f"it has no {stage} stage"
-    return f"its {stage} stage failed or has not run"
+    return f"its {stage} stage failed or has not run" if stage in exp.experiment.stages else f"it has no {stage} stage"
 
 
-def _read_result(exp: StudyExperiment, group: ReportGroup, path: Path, stage: str,
-                 reader: Callable[[Path], pd.DataFrame], log: Log, skipped: str = "",
-                 why: str = "", required: Sequence[str] = ()) -> pd.DataFrame | None:
-    """``reader(path)``, or None with a note naming the experiment when it is missing, unreadable,
-    empty or lacks a ``required`` column.
-
-    ``skipped`` says what is left out (default: the experiment), ``why`` why a file may be missing.
-    """
+def _read_result(exp: StudyExperiment, group: ReportGroup, path: Path, stage: str, reader: Callable[[Path], pd.DataFrame],
+                 log: Log, skipped: str = "", why: str = "", required: Sequence[str] = ()) -> pd.DataFrame | None:
+    """``reader(path)``, or None with a note naming the experiment when it is missing, unreadable, empty or
+    lacks a ``required`` column. ``skipped`` says what is left out (default: the experiment), ``why`` why a
+    file may be missing."""
     where = f"note: group {group.name!r}: {skipped or 'skipping'} {exp.name!r} ({exp.label})"
     if not path.is_file():
         log(f"{where}: no {path} ({why or _why_missing(exp, stage)})")
@@ -176,8 +171,7 @@ def reference_rows(study: Study, names: Iterable[str], log: Log = print) -> pd.D
     """The published certified accuracies (``report.reference``) of the experiments ``names``.
 
     Rows match an experiment by name or label; columns experiment, label, radius, accuracy, source.
-    Empty when the study names no reference (or it became unreadable: noted).
-    """
+    Empty when the study names no reference (or it became unreadable: noted)."""
     columns = ["experiment", "label", "radius", "accuracy", "source"]
     if study.reference is None:
         return pd.DataFrame(columns=columns)
@@ -210,10 +204,8 @@ def reference_comparison(tables: Mapping[str, pd.DataFrame], reference: pd.DataF
 
 
 def families(study: Study, names: Iterable[str]) -> dict[str, str]:
-    """{experiment: family}: the noise, plus the training mode when the experiments use several.
-
-    Experiments of one family differ (at most) by sigma: envelopes and best-sigma tables are per family.
-    """
+    """{experiment: family}: the noise, plus the training mode when the experiments use several. Experiments
+    of one family differ (at most) by sigma: envelopes and best-sigma tables are per family."""
     exps = [study.get(n) for n in names]
     several = len({e.train_mode for e in exps}) > 1
     return {e.name: f"{e.noise_label}, {e.train_mode or 'no'} training" if several else e.noise_label for e in exps}
@@ -232,8 +224,7 @@ def group_curves(study: Study, tables: Mapping[str, pd.DataFrame], norms: Sequen
     """Certified accuracy vs radius (``CURVE_COLUMNS``), per experiment, method and norm.
 
     Monte-Carlo curves from ``metrics.accuracy_curves``; for experiments in ``lbounds`` also the
-    approximate l2 L-bound curve (method ``metrics.LBOUND_METHOD``) when ``'l2'`` is in ``norms``.
-    """
+    approximate l2 L-bound curve (method ``metrics.LBOUND_METHOD``) when ``'l2'`` is in ``norms``."""
     family = families(study, tables)
     parts = []
     for name, table in tables.items():
@@ -269,8 +260,7 @@ def accuracy_at_radii(study: Study, tables: Mapping[str, pd.DataFrame],
 
     One row per unit, norm and radius. A unit is a family with several sigmas (its best experiment
     at that radius is named, with its sigma; ties go to the smaller sigma) or else one experiment.
-    Accuracies are fractions of ALL evaluated inputs (abstains count as failures).
-    """
+    Accuracies are fractions of ALL evaluated inputs (abstains count as failures)."""
     rows = []
     for unit, names in _units(study, list(tables)):
         names = sorted(names, key=lambda n: study.get(n).sigma)
@@ -289,10 +279,8 @@ def accuracy_at_radii(study: Study, tables: Mapping[str, pd.DataFrame],
 
 
 def accuracy_at_radii_wide(table: pd.DataFrame) -> pd.DataFrame:
-    """``accuracy_at_radii`` for reading: rows units, columns (norm, radius), '62.5% (σ=0.5)' cells.
-
-    The winning sigma is shown for swept families where some sigma certifies anything.
-    """
+    """``accuracy_at_radii`` for reading: rows units, columns (norm, radius), '62.5% (σ=0.5)' cells; the
+    winning sigma is shown for swept families where some sigma certifies anything."""
     if not len(table):
         return pd.DataFrame()
     text = table.apply(lambda row: f"{100 * row['certified_accuracy']:.1f}%"
@@ -332,8 +320,7 @@ def timing_table(study: Study, tables: Mapping[str, pd.DataFrame],
                  lbounds: Mapping[str, pd.DataFrame] | None = None) -> pd.DataFrame:
     """Seconds per image per experiment: Monte-Carlo prediction (selection, n0 draws), estimation (n),
     certification (n0 + n) and, for deterministic models, one-pass classification (the L-bound) with
-    the Monte-Carlo / one-pass ratios. Measured on the device named in ``device``.
-    """
+    the Monte-Carlo / one-pass ratios. Measured on the device named in ``device``."""
     rows = []
     for name, table in tables.items():
         exp = study.get(name)
@@ -342,17 +329,14 @@ def timing_table(study: Study, tables: Mapping[str, pd.DataFrame],
         row = {**describe(exp), "images": len(table), "n0": n0, "n": n,
                "mc_prediction_s_per_image": t["seconds_predict_per_image"],
                "mc_estimation_s_per_image": t["seconds_certify_per_image"],
-               "mc_certification_s_per_image": t["seconds_per_image"],
-               "samples_per_second": t["samples_per_second"],
+               "mc_certification_s_per_image": t["seconds_per_image"], "samples_per_second": t["samples_per_second"],
                "deterministic_s_per_image": math.nan, "mc_prediction_over_deterministic": math.nan,
-               "mc_certification_over_deterministic": math.nan,
-               "device": _device(experiment_results(study, exp))}
+               "mc_certification_over_deterministic": math.nan, "device": _device(experiment_results(study, exp))}
         if lbounds is not None and name in lbounds:
             one = float(lbounds[name]["seconds"].mean())
             row["deterministic_s_per_image"] = one
-            row["mc_prediction_over_deterministic"] = row["mc_prediction_s_per_image"] / one if one > 0 else math.inf
-            row["mc_certification_over_deterministic"] = (row["mc_certification_s_per_image"] / one
-                                                          if one > 0 else math.inf)
+            for mc in ("prediction", "certification"):
+                row[f"mc_{mc}_over_deterministic"] = row[f"mc_{mc}_s_per_image"] / one if one > 0 else math.inf
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -365,8 +349,7 @@ def attack_cdf(study: Study, tables: Mapping[tuple[str, str], pd.DataFrame], nor
 
     ``percent_attacked`` at ``distance`` r = 100 x the fraction of ALL attacked inputs whose attack
     succeeded at a distance <= r (failures never count; clean misclassifications count at 0).
-    Right-continuous (draw 'steps-post'); every curve ends at the same plateau point.
-    """
+    Right-continuous (draw 'steps-post'); every curve ends at the same plateau point."""
     end = metrics.cdf_end(tables.values(), norm)
     parts = []
     for name, attacks in _by_experiment(tables).items():
@@ -383,8 +366,7 @@ def not_certified(study: Study, cert_tables: Mapping[str, pd.DataFrame],
     images both certified and attacked (``basis`` says so), or on all certified images when the two
     sets do not overlap. For a sound certificate (up to its alpha) it bounds from above the percent
     of inputs an attack on the smoothed classifier can fool at distance <= r. Left-continuous
-    (draw 'steps-pre').
-    """
+    (draw 'steps-pre')."""
     parts = []
     for (name, attack), attacked in tables.items():
         if name not in cert_tables:
@@ -405,8 +387,7 @@ def attack_summary(study: Study, tables: Mapping[tuple[str, str], pd.DataFrame])
 
     ``median_l2`` is over ALL inputs (failures are inf, so it is inf when more than half fail);
     ``median_l2_successful`` / ``mean_l2_successful`` over the successes only. ``target`` and
-    ``search_norm`` (the norm the attack minimized) come from the experiment's parameters.
-    """
+    ``search_norm`` (the norm the attack minimized) come from the experiment's parameters."""
     parts = []
     for (name, attack), table in tables.items():
         exp = study.get(name)
@@ -423,16 +404,14 @@ def lbound_distribution(study: Study, group: ReportGroup, tables: Mapping[tuple[
 
     With ``metrics.lbound_comparison``: ``attack_l2`` (smallest successful l2 distance of any
     attack, inf if none) and ``lbound_exceeds_attack`` (correct input whose L-bound is larger than a
-    successful perturbation). The class label is ``true_class``; ``sigma_lbound`` the sigma used.
-    """
+    successful perturbation). The class label is ``true_class``; ``sigma_lbound`` the sigma used."""
     attacks = _by_experiment(tables)
     parts = []
     for exp in map(study.get, group.experiments):
         if exp.name not in attacks:
             continue
         path = layout.table_paths(experiment_results(study, exp), layout.LBOUND_TABLE)[0]
-        lbound = _read_result(exp, group, path, "attack", pd.read_csv, log,
-                              skipped="no L-bound distribution for",
+        lbound = _read_result(exp, group, path, "attack", pd.read_csv, log, skipped="no L-bound distribution for",
                               why="its attack stage did not finish the L-bound statistics",
                               required=("idx", "label", "correct_top1", "lbound", "sigma"))
         if lbound is None:
@@ -463,10 +442,8 @@ def lbound_summary(distribution: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class CertifyGroup:
-    """A group's certification data: tables, L-bound tables (deterministic models), curves, sweeps.
-
-    ``sweeps``: the families with at least two sigmas (facets and envelopes are drawn only for those).
-    """
+    """A group's certification data: tables, L-bound tables (deterministic models), curves and ``sweeps``
+    (the families with at least two sigmas: facets and envelopes are drawn only for those)."""
 
     group: ReportGroup
     tables: dict[str, pd.DataFrame]
@@ -523,14 +500,8 @@ def figure_path(study: Study, name: str, group: ReportGroup) -> Path:
 
 def write_tables(study: Study, group: ReportGroup, tables: Mapping[str, pd.DataFrame | None]) -> list[Path]:
     """Write each non-empty table atomically as ``results/<name>_<group>.csv``; return the paths."""
-    written = []
-    for name, frame in tables.items():
-        if frame is None or not len(frame):
-            continue
-        path = table_path(study, name, group)
-        write_csv(path, frame)
-        written.append(path)
-    return written
+    return [write_csv(table_path(study, name, group), frame) for name, frame in tables.items()
+            if frame is not None and len(frame)]
 
 
 @dataclass
@@ -559,9 +530,5 @@ def open_study(study_dir: str | Path, load_group: Callable[..., Any],
     study = load_written(study_dir)
     log(f"study {study.name!r}: {study.description}")
     log(f"{len(study.experiments)} experiments, groups: {', '.join(g.name for g in study.groups)}")
-    data = {}
-    for group in study.groups:
-        loaded = load_group(study, group, log)
-        if loaded is not None:
-            data[group.name] = loaded
+    data = {g.name: loaded for g in study.groups if (loaded := load_group(study, g, log)) is not None}
     return study, data, Outputs(study)

@@ -29,20 +29,13 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[
     """Open a temporary file beside `path`; on clean exit fsync it and rename it onto `path`.
 
     `mode` is "w" (UTF-8 text) or "wb". On any error the temporary file is removed and
-    `path` is left untouched, so readers never see a half-written file.
-    """
+    `path` is left untouched, so readers never see a half-written file."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_writer mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.NamedTemporaryFile(
-        mode,
-        dir=path.parent,
-        prefix=f".{path.name}.",
-        suffix=".tmp",
-        delete=False,
-        encoding=None if mode == "wb" else "utf-8",
-    )
+    tmp = tempfile.NamedTemporaryFile(mode, dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False,
+                                      encoding=None if mode == "wb" else "utf-8")
     try:
         with tmp:
             yield tmp

@@ -20,13 +20,7 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 
 def _git(repo: Path, *args: str) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "-C", str(repo), *args],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
+        out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip()
@@ -34,12 +28,10 @@ def _git(repo: Path, *args: str) -> str | None:
 
 def _git_state() -> tuple[str | None, bool | None]:
     """(commit, dirty) of the checkout rslib was imported from, or (None, None)."""
-    root = CHECKOUT
-    top = _git(root, "rev-parse", "--show-toplevel")
-    if top is None or Path(top).resolve() != root:
+    top = _git(CHECKOUT, "rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != CHECKOUT:
         return None, None
-    commit = _git(root, "rev-parse", "HEAD")
-    status = _git(root, "status", "--porcelain")
+    commit, status = _git(CHECKOUT, "rev-parse", "HEAD"), _git(CHECKOUT, "status", "--porcelain")
     return commit, (None if status is None else bool(status))
 
 
@@ -56,19 +48,12 @@ def provenance() -> dict[str, Any]:
     torch = sys.modules.get("torch")  # read, not imported: every caller that computes has loaded it
     commit, dirty = _git_state()
     cuda = bool(torch is not None and torch.cuda.is_available())
-    return {
-        "rslib_version": VERSION,
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "python_version": platform.python_version(),
-        "python_executable": sys.executable,
-        "torch_version": torch.__version__ if torch is not None else _installed("torch"),
-        "platform": platform.platform(),
-        "hostname": socket.gethostname(),
-        "device": torch.cuda.get_device_name() if cuda else cpu_name(),
-        "cuda_available": cuda,
-        "timestamp_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    return {"rslib_version": VERSION, "git_commit": commit, "git_dirty": dirty,
+            "python_version": platform.python_version(), "python_executable": sys.executable,
+            "torch_version": torch.__version__ if torch is not None else _installed("torch"),
+            "platform": platform.platform(), "hostname": socket.gethostname(),
+            "device": torch.cuda.get_device_name() if cuda else cpu_name(), "cuda_available": cuda,
+            "timestamp_utc": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
 def _installed(package: str) -> str | None:

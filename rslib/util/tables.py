@@ -38,8 +38,7 @@ def read_rows(path: Path, columns: Sequence[str],
     """Parsed rows of an append-only file and whether it was clean.
 
     Only newline-terminated lines count; a line that ``parse`` rejects (ValueError / KeyError) is
-    dropped; a file whose header is not ``columns`` yields no rows. A missing file is empty and clean.
-    """
+    dropped; a file whose header is not ``columns`` yields no rows. A missing file is empty and clean."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:

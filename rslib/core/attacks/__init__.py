@@ -6,10 +6,7 @@ success and the l0, l1, l2, linf norms of the perturbation; a failure has every 
 calls :func:`register_attack` (see the README, "Extending rslib"). ``base`` holds what they share.
 """
 
-from rslib.core.attacks import alma as _alma_module  # noqa: F401 -- importing them registers the attacks
-from rslib.core.attacks import ddn as _ddn_module  # noqa: F401
-from rslib.core.attacks import pgd as _pgd_module  # noqa: F401
-from rslib.core.attacks.alma import alma
+from rslib.core.attacks.alma import alma  # importing the attack modules registers the attacks
 from rslib.core.attacks.base import (
     ATTACKS,
     FRAME_COLUMNS,

@@ -33,21 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rslib.core.attacks.base import (
-    DEFAULT_RESCUE_SCALES,
-    AttackResult,
-    AttackSpec,
-    Judge,
-    check_inputs,
-    check_topk,
-    clamp_to_box,
-    default_judge,
-    finalize,
-    is_success,
-    per_input_view,
-    register_attack,
-    topk_labels,
-)
+from rslib.core.attacks import base
+from rslib.core.attacks.base import DEFAULT_RESCUE_SCALES, AttackResult, AttackSpec, Judge
 from rslib.core.modules import eval_mode
 from rslib.util.options import Option
 
@@ -70,8 +57,7 @@ def _dlr_scale(logits: Tensor, topk: int, targeted: bool) -> Tensor | None:
     outputs. ``None`` when there are too few classes for it. Invariant to shifts and scales of the
     outputs, so log-probabilities (smoothed targets) and logits behave alike.
     """
-    needed = topk + (3 if targeted else 2)
-    if logits.shape[1] < needed:
+    if logits.shape[1] < topk + (3 if targeted else 2):
         return None
     ordered = logits.sort(dim=1, descending=True).values
     low = ordered[:, topk + 1]
@@ -134,11 +120,9 @@ def _alma_init(x: Tensor, start: Tensor, steps: int, mu_init: float, rho_init: f
     def full(value: float, dtype: torch.dtype = x.dtype) -> Tensor:
         return torch.full((rows,), value, dtype=dtype, device=device)
 
-    return _AlmaState(x_adv=start, square_avg=torch.ones_like(x), momentum=torch.zeros_like(x),
-                      mu=full(mu_init), rho=full(rho_init), previous=full(math.inf),
-                      seen=torch.zeros(rows, dtype=torch.bool, device=device),
-                      first_success=full(steps, torch.long), best=x.clone(),
-                      best_norm=full(math.inf, torch.float64))
+    return _AlmaState(x_adv=start, square_avg=torch.ones_like(x), momentum=torch.zeros_like(x), mu=full(mu_init),
+                      rho=full(rho_init), previous=full(math.inf), seen=full(False, torch.bool),
+                      first_success=full(steps, torch.long), best=x.clone(), best_norm=full(math.inf, torch.float64))
 
 
 def _alma_starts(x: Tensor, restarts: int, radius: float, clip: tuple[float, float] | None,
@@ -153,7 +137,7 @@ def _alma_starts(x: Tensor, restarts: int, radius: float, clip: tuple[float, flo
     random = direction * radius * torch.rand(rows, 1, **kw) ** (1.0 / dim)
     flat = torch.cat([random.new_zeros(batch, dim), random]).to(x.dtype)
     xr = x.repeat(restarts, *([1] * (x.dim() - 1)))
-    return clamp_to_box(xr + flat.view_as(xr), clip)
+    return base.clamp_to_box(xr + flat.view_as(xr), clip)
 
 
 def _alma_constraint(logits: Tensor, y: Tensor, state: _AlmaState, cfg: _AlmaSettings) -> Tensor:
@@ -199,13 +183,13 @@ def _alma_descend(state: _AlmaState, x: Tensor, grad: Tensor, t: int, cfg: _Alma
     exponentially from the row's first success to the last step."""
     delta = state.x_adv - x
     size = delta.reshape(x.shape[0], -1).norm(dim=1)
-    grad = grad + delta / per_input_view(size.clamp_min(1e-12), grad)  # zero delta: no distance gradient
+    grad = grad + delta / base.per_input_view(size.clamp_min(1e-12), grad)  # zero delta: no distance gradient
     since = (t - state.first_success).clamp_min(0).to(grad.dtype)
     span = (cfg.steps - state.first_success).clamp_min(1).to(grad.dtype)
     rate = cfg.lr * cfg.lr_decay ** (since / span)
     state.square_avg = cfg.ema * state.square_avg + (1 - cfg.ema) * grad**2
     state.momentum = cfg.ema * state.momentum + grad / (state.square_avg.sqrt() + 1e-8)
-    state.x_adv = clamp_to_box(state.x_adv - per_input_view(rate, grad) * state.momentum, clip)
+    state.x_adv = base.clamp_to_box(state.x_adv - base.per_input_view(rate, grad) * state.momentum, clip)
 
 
 def _alma_record(state: _AlmaState, x: Tensor, adv: Tensor, t: int) -> None:
@@ -262,13 +246,13 @@ def alma(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 500, restarts: 
     Returns:
         :class:`~rslib.core.attacks.AttackResult`; every success re-checked by ``judge``.
     """
-    y = check_inputs(x, y, clip)
-    check_topk(topk)
+    y = base.check_inputs(x, y, clip)
+    base.check_topk(topk)
     _check_alma_settings(steps, restarts, check_every, lr, lr_decay, ema, mu_init, rho_init, rho_growth,
                          improvement, init_radius)
     cfg = _AlmaSettings(steps, lr, lr_decay, ema, check_every, improvement, rho_growth, topk, targeted)
     x = x.detach()
-    final_judge = judge if judge is not None else default_judge(model, topk)
+    final_judge = judge if judge is not None else base.default_judge(model, topk)
     xr = x.repeat(restarts, *([1] * (x.dim() - 1)))
     yr = y.repeat(restarts)
     state = _alma_init(xr, _alma_starts(x, restarts, init_radius, clip, generator), steps, mu_init, rho_init)
@@ -279,19 +263,17 @@ def alma(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 500, restarts: 
                     logits = model(state.x_adv)
             else:
                 logits, grad = _alma_gradient(model, yr, state, t, cfg)
-            if judge_every_step and judge is not None:
-                adv = is_success(judge(state.x_adv), yr, targeted, abstain_is_success)
-            else:
-                adv = is_success(topk_labels(logits, topk), yr, targeted, abstain_is_success)
+            predicted = judge(state.x_adv) if judge_every_step and judge is not None else base.topk_labels(logits, topk)
+            adv = base.is_success(predicted, yr, targeted, abstain_is_success)
             _alma_record(state, xr, adv, t)
             if t < steps:
                 _alma_descend(state, xr, grad, t, cfg, clip)
     x_out, best_norm = _alma_best(state, x)
     eps = None if max_norm is None else torch.full_like(best_norm, float(max_norm))
     found = torch.isfinite(best_norm) if eps is None else best_norm <= eps
-    return finalize(x, y, x_out, found, judge=final_judge, targeted=targeted,
-                     abstain_is_success=abstain_is_success, rescue_scales=rescue_scales, clip=clip,
-                     norm=None if eps is None else 2.0, eps=eps)
+    return base.finalize(x, y, x_out, found, judge=final_judge, targeted=targeted,
+                         abstain_is_success=abstain_is_success, rescue_scales=rescue_scales, clip=clip,
+                         norm=None if eps is None else 2.0, eps=eps)
 
 
 def _check_alma_settings(steps: int, restarts: int, check_every: int, lr: float, lr_decay: float,
@@ -306,7 +288,7 @@ def _check_alma_settings(steps: int, restarts: int, check_every: int, lr: float,
         raise ValueError("need 0 < lr_decay <= 1, 0 <= ema < 1, rho_growth >= 1 and 0 < improvement <= 1")
 
 
-register_attack(AttackSpec(
+base.register_attack(AttackSpec(
     name="alma", stream=4,
     description="ALMA (Rony et al. 2021, augmented Lagrangian, P2 penalty), smallest success over restarts",
     options=(Option("alma_steps", int, 500, ge=1, help="iterations per run"),

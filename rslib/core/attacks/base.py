@@ -3,24 +3,8 @@
 Every attack is **batched** (all inputs attacked at once, no Python loop over inputs), runs on the
 device of ``x``, and returns an :class:`AttackResult` with, per input, the success flag and the l0,
 l1, l2 and linf norms of the *final* perturbation ``x_adv - x``. A failed attack has every distance
-equal to ``inf`` (never 0, never the budget).
-
-Attacks
--------
-* :func:`pgd` -- projected gradient ascent on the cross-entropy inside an lp ball of radius ``eps``
-  (a float, or one radius per input). l2: normalized-gradient steps and projection on the ball;
-  linf: sign steps and clamping; l1: a sparse steepest-ascent step (the ``l1_sparsity`` fraction of
-  coordinates with the largest gradient magnitude, skipping coordinates pinned at the box bound in
-  the gradient's direction, as in SLIDE, Tramer & Boneh 2019) followed by the **exact** Euclidean
-  projection onto the l1 ball (:func:`project_l1_ball`, Duchi et al. 2008). With ``early_stop``
-  an input is frozen (no more forward/backward passes) as soon as it is adversarial.
-* :func:`pgd_minimal` -- a per-input bisection over ``eps`` in ``[0, eps_max]`` that keeps the
-  smallest successful perturbation found, so PGD reports a minimal distance rather than a
-  staircase of budgets.
-* :func:`ddn` -- Decoupled Direction and Norm (Rony et al. 2019, l2): a gradient step of size
-  ``alpha`` (cosine-annealed), a norm schedule ``epsilon *= 1 - gamma`` when the current iterate is
-  adversarial and ``1 + gamma`` otherwise, projection onto the epsilon sphere, optional
-  quantization, and the smallest successful perturbation kept per input.
+equal to ``inf`` (never 0, never the budget). The attacks (:func:`pgd` and its minimal-distance mode
+:func:`pgd_minimal`, :func:`ddn`, :func:`alma`) are documented in their modules.
 
 Success
 -------
@@ -69,12 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rslib.core import autotune
-from rslib.core.certify import (
-    ABSTAIN,
-    Smooth,
-    perturb_with,
-    vote_counts,
-)
+from rslib.core.certify import ABSTAIN, Smooth, perturb_with, vote_counts
 from rslib.core.modules import eval_mode
 from rslib.core.noises import Noise, parse_norm
 from rslib.util.options import Option
@@ -86,10 +65,7 @@ LABELS = {1.0: "l1", 2.0: "l2", math.inf: "linf"}
 FRAME_COLUMNS = ["idx", "label", "attack", "success", "l0", "l1", "l2", "linf"]
 
 
-# ----------------------------------------------------------------------------------------------
-# Results
-# ----------------------------------------------------------------------------------------------
-
+# ------------------------------------------------------------------------------- results
 
 @dataclass
 class AttackResult:
@@ -111,8 +87,7 @@ class AttackResult:
 
     def distance(self, norm: float | str) -> Tensor:
         """The per-input distance in ``norm`` (0, 1, 2, inf or 'l0' ... 'linf')."""
-        key = str(norm).lower()
-        if key in ("0", "l0", "0.0"):
+        if str(norm).lower() in ("0", "l0", "0.0"):
             return self.l0
         return {1.0: self.l1, 2.0: self.l2, math.inf: self.linf}[parse_norm(norm)]
 
@@ -122,10 +97,8 @@ class AttackResult:
         """One row per input: ``idx, label, attack, success, l0, l1, l2, linf`` (failures: inf)."""
         batch = len(self.success)
         idx = np.arange(batch) if indices is None else _numpy(indices).astype(np.int64)
-        if labels is None and self.labels is not None:
-            labels = self.labels
-        label = pd.array(_numpy(labels).astype(np.int64) if labels is not None else [pd.NA] * batch,
-                         dtype="Int64")
+        labels = self.labels if labels is None else labels
+        label = pd.array(_numpy(labels).astype(np.int64) if labels is not None else [pd.NA] * batch, dtype="Int64")
         if len(idx) != batch or len(label) != batch:
             raise ValueError(f"indices and labels must have length {batch}; got {len(idx)} and {len(label)}")
         return pd.DataFrame({
@@ -136,9 +109,7 @@ class AttackResult:
 
 
 def _numpy(values) -> np.ndarray:
-    if isinstance(values, Tensor):
-        return values.detach().cpu().numpy()
-    return np.asarray(values)
+    return values.detach().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
 
 
 def distances(delta: Tensor) -> dict[str, Tensor]:
@@ -148,17 +119,12 @@ def distances(delta: Tensor) -> dict[str, Tensor]:
             "linf": flat.abs().amax(1) if flat.shape[1] else flat.new_zeros(flat.shape[0])}
 
 
-# ----------------------------------------------------------------------------------------------
-# Projections and random points in lp balls
-# ----------------------------------------------------------------------------------------------
-
+# --------------------------------------------- projections and random points in lp balls
 
 def per_input(value: float | Tensor, batch: int, like: Tensor) -> Tensor:
     """``value`` (scalar or (B,)) as a float64 (B,) tensor on ``like``'s device."""
     out = torch.as_tensor(value, dtype=torch.float64, device=like.device)
-    if out.dim() == 0:
-        out = out.expand(batch)
-    out = out.reshape(-1)
+    out = out.expand(batch) if out.dim() == 0 else out.reshape(-1)
     if out.shape[0] != batch:
         raise ValueError(f"expected a scalar or one value per input ({batch}); got shape {tuple(out.shape)}")
     return out
@@ -191,8 +157,7 @@ def project_l1_ball(v: Tensor, radius: float | Tensor) -> Tensor:
     theta = (css.gather(1, (rho - 1).clamp_min(0)[:, None]).squeeze(1) - r) / rho.clamp_min(1)
     projected = flat.sign() * (mags - theta[:, None]).clamp_min(0)
     projected[rho == 0] = 0
-    out = torch.where(inside[:, None], flat, projected)
-    return out.to(v.dtype).view_as(v)
+    return torch.where(inside[:, None], flat, projected).to(v.dtype).view_as(v)
 
 
 def project_lp_ball(delta: Tensor, norm: float, radius: float | Tensor) -> Tensor:
@@ -229,10 +194,7 @@ def uniform_ball(shape: torch.Size, norm: float, radius: Tensor, *, device, dtyp
     return (flat * radius.to(device)[:, None]).to(dtype).view(shape)
 
 
-# ----------------------------------------------------------------------------------------------
-# Success, judges, model helpers
-# ----------------------------------------------------------------------------------------------
-
+# -------------------------------------------------------- success, judges, model helpers
 
 def is_success(predicted: Tensor, y: Tensor, targeted: bool, abstain_is_success: bool) -> Tensor:
     """Success per input from predicted labels (B,) or top-k sets (B, k)."""
@@ -278,7 +240,6 @@ def majority_vote_judge(model: nn.Module, noise: Noise, n: int, generator: torch
                 return model(autotune.in_format(rows, choice.channels_last))
             counts = vote_counts(logits_of, x, n, choice.batch_size, perturb_with(noise, [generator] * len(x)))
         return topk_labels(counts, topk)
-
     return judge
 
 
@@ -290,14 +251,10 @@ def smooth_predict_judge(smooth: Smooth, n: int, alpha: float, batch_size: int |
     """
     def judge(x: Tensor) -> Tensor:
         return smooth.predict(x, n=n, alpha=alpha, batch_size=batch_size)
-
     return judge
 
 
-# ----------------------------------------------------------------------------------------------
-# Shared machinery
-# ----------------------------------------------------------------------------------------------
-
+# ---------------------------------------------------------------------- shared machinery
 
 def check_inputs(x: Tensor, y: Tensor, clip: tuple[float, float] | None) -> Tensor:
     """Validate a batch, its labels and the box; returns ``y`` on ``x``'s device (shared by every attack)."""
@@ -329,19 +286,16 @@ def check_topk(topk: int) -> None:
         raise ValueError(f"topk must be an integer >= 1; got {topk!r}")
 
 
-def _enforce_budget(x: Tensor, x_adv: Tensor, norm: float, eps: Tensor,
-                    clip: tuple[float, float] | None) -> Tensor:
+def _enforce_budget(x: Tensor, x_adv: Tensor, norm: float, eps: Tensor, clip: tuple[float, float] | None) -> Tensor:
     """Shrink ``x_adv - x`` (measured in float64) until its ``norm`` is at most ``eps`` per input.
 
     The target radius is ``eps`` less a relative margin of a few ulps of ``x``'s dtype (growing if
     rounding back to that dtype still overshoots), so the check holds after the cast.
     """
     tiny = 4 * torch.finfo(x.dtype).eps
-    label = LABELS[norm]
     for attempt in range(10):
         delta = x_adv.double() - x.double()
-        size = distances(delta)[label]
-        over = size > eps
+        over = distances(delta)[LABELS[norm]] > eps
         if not bool(over.any()):
             return x_adv
         target = eps[over] * (1 - min(tiny * 4**attempt, 0.5))
@@ -375,35 +329,31 @@ def finalize(x: Tensor, y: Tensor, x_adv: Tensor, candidate: Tensor, *, judge: J
             x_adv[pending[ok]] = trial[ok]
             success[pending[ok]] = True
             pending = pending[~ok]
-    if eps is not None:  # paranoid final check: never exceed the budget
-        size = distances(x_adv.double() - x.double())[LABELS[norm]]
-        if bool((size > eps).any()):
-            raise AssertionError("attack exceeded its budget")
     dist = distances(x_adv.double() - x.double())
+    if eps is not None and bool((dist[LABELS[norm]] > eps).any()):  # paranoid final check: never exceed the budget
+        raise AssertionError("attack exceeded its budget")
     inf = torch.full_like(dist["l2"], math.inf)
-    for key in dist:
-        dist[key] = torch.where(success, dist[key], inf)
+    dist = {key: torch.where(success, value, inf) for key, value in dist.items()}
     return AttackResult(x_adv=x_adv, success=success, labels=y, **dist)
 
 
-def _loss(logits: Tensor, y: Tensor, targeted: bool) -> Tensor:
-    """Per-input loss to ascend: cross-entropy of the label (untargeted) or minus that of the target."""
-    ce = F.cross_entropy(logits, y, reduction="none")
-    return -ce if targeted else ce
-
-
-def input_gradient(model: nn.Module, x_adv: Tensor, y: Tensor, targeted: bool) -> tuple[Tensor, Tensor]:
-    """(logits, gradient of the summed loss w.r.t. ``x_adv``); model parameters' .grad untouched."""
+def input_gradient(model: nn.Module, x_adv: Tensor, y: Tensor, targeted: bool,
+                   gradient: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(logits, gradient w.r.t. ``x_adv`` of the summed per-input loss to ascend: the cross-entropy of the
+    label, or minus that of the target when ``targeted``); model parameters' .grad untouched. Without
+    ``gradient`` (an attack's last check) only the logits, from a forward without autograd, and None."""
+    if not gradient:
+        with torch.no_grad():
+            return model(x_adv), None
     with torch.enable_grad():
         xg = x_adv.detach().requires_grad_(True)
         logits = model(xg)
-        (grad,) = torch.autograd.grad(_loss(logits, y, targeted).sum(), xg)
+        ce = F.cross_entropy(logits, y, reduction="none")
+        (grad,) = torch.autograd.grad((-ce if targeted else ce).sum(), xg)
     return logits.detach(), grad
 
 
-# ----------------------------------------------------------------------------------------------
-# Registry
-# ----------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------ registry
 
 #: ``attack(model, x, y, options, judge, generator)``: one batch attacked with the stage's options.
 AttackBatch = Callable[[nn.Module, Tensor, Tensor, Mapping[str, Any], Judge | None, torch.Generator], AttackResult]

@@ -8,28 +8,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from rslib.core.attacks.base import (
-    DEFAULT_RESCUE_SCALES,
-    AttackResult,
-    AttackSpec,
-    Judge,
-    check_inputs,
-    check_topk,
-    clamp_to_box,
-    default_judge,
-    finalize,
-    input_gradient,
-    is_success,
-    per_input_view,
-    register_attack,
-    topk_labels,
-)
+from rslib.core.attacks import base
+from rslib.core.attacks.base import DEFAULT_RESCUE_SCALES, AttackResult, AttackSpec, Judge
 from rslib.core.modules import eval_mode
 from rslib.util.options import Option
-
-# ----------------------------------------------------------------------------------------------
-# DDN
-# ----------------------------------------------------------------------------------------------
 
 
 def ddn(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 100, gamma: float = 0.05,
@@ -51,12 +33,12 @@ def ddn(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 100, gamma: floa
     at most a factor ``1 +- gamma`` per step, so distances below ``init_norm * (1 - gamma)**steps``
     (or above ``init_norm * (1 + gamma)**steps``) are out of reach: choose ``init_norm`` and
     ``steps`` for the scale of the data. With ``max_norm`` the result never exceeds it. Successes
-    are re-checked by ``judge`` (see the module docstring); against a smoothed soft classifier the
+    are re-checked by ``judge`` (see :mod:`rslib.core.attacks.base`); against a smoothed soft classifier the
     smallest candidate often sits where the smoothed prediction abstains, and ``rescue_scales``
     then finds the nearest verified point along the same direction.
     """
-    y = check_inputs(x, y, clip)
-    check_topk(topk)
+    y = base.check_inputs(x, y, clip)
+    base.check_topk(topk)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
     if not 0 < gamma < 1:
@@ -67,7 +49,7 @@ def ddn(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 100, gamma: floa
         raise ValueError("quantize needs a clip box (the levels span clip)")
     batch = x.shape[0]
     x = x.detach()
-    final_judge = judge if judge is not None else default_judge(model, topk)
+    final_judge = judge if judge is not None else base.default_judge(model, topk)
     flat_x = x.reshape(batch, -1).double()
     worst = torch.full((batch,), math.inf, dtype=torch.float64, device=x.device)
     if clip is not None:
@@ -81,17 +63,11 @@ def ddn(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 100, gamma: floa
 
     with eval_mode(model):
         for t in range(steps + 1):
-            x_adv = clamp_to_box(x + delta, clip)
+            x_adv = base.clamp_to_box(x + delta, clip)
             last = t == steps
-            if last:
-                with torch.no_grad():
-                    logits, grad = model(x_adv), None
-            else:
-                logits, grad = input_gradient(model, x_adv, y, targeted)
-            if judge_every_step and judge is not None:
-                adv = is_success(judge(x_adv), y, targeted, abstain_is_success)
-            else:
-                adv = is_success(topk_labels(logits, topk), y, targeted, abstain_is_success)
+            logits, grad = base.input_gradient(model, x_adv, y, targeted, gradient=not last)
+            predicted = judge(x_adv) if judge_every_step and judge is not None else base.topk_labels(logits, topk)
+            adv = base.is_success(predicted, y, targeted, abstain_is_success)
             size = delta.reshape(batch, -1).double().norm(dim=1)
             improved = adv & (size < best_norm)
             best_norm = torch.where(improved, size, best_norm)
@@ -108,27 +84,24 @@ def ddn(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 100, gamma: floa
                                          generator=generator)
                 gnorm = flat.norm(dim=1)
             delta = delta + alpha_t * (flat / gnorm[:, None]).view_as(delta)
-            epsilon = torch.where(adv, epsilon * (1 - gamma), epsilon * (1 + gamma))
-            epsilon = torch.minimum(epsilon, worst)
+            epsilon = torch.minimum(torch.where(adv, epsilon * (1 - gamma), epsilon * (1 + gamma)), worst)
             dnorm = delta.reshape(batch, -1).double().norm(dim=1).clamp_min(1e-30)
-            delta = delta * per_input_view(epsilon / dnorm, delta)
+            delta = delta * base.per_input_view(epsilon / dnorm, delta)
             x_new = x + delta
             if quantize:
                 lo, hi = clip
                 x_new = torch.round((x_new - lo) / (hi - lo) * (levels - 1)) / (levels - 1) * (hi - lo) + lo
-            delta = clamp_to_box(x_new, clip) - x
+            delta = base.clamp_to_box(x_new, clip) - x
 
     found = torch.isfinite(best_norm)
-    x_out = torch.where(found.view(-1, *([1] * (x.dim() - 1))), best, clamp_to_box(x + delta, clip))
-    eps = None
-    if max_norm is not None:
-        eps = torch.full((batch,), float(max_norm), dtype=torch.float64, device=x.device)
-    return finalize(x, y, x_out, found, judge=final_judge, targeted=targeted,
-                     abstain_is_success=abstain_is_success, rescue_scales=rescue_scales, clip=clip,
-                     norm=2.0 if eps is not None else None, eps=eps)
+    x_out = torch.where(found.view(-1, *([1] * (x.dim() - 1))), best, base.clamp_to_box(x + delta, clip))
+    eps = None if max_norm is None else torch.full((batch,), float(max_norm), dtype=torch.float64, device=x.device)
+    return base.finalize(x, y, x_out, found, judge=final_judge, targeted=targeted,
+                         abstain_is_success=abstain_is_success, rescue_scales=rescue_scales, clip=clip,
+                         norm=2.0 if eps is not None else None, eps=eps)
 
 
-register_attack(AttackSpec(
+base.register_attack(AttackSpec(
     name="ddn", stream=1, description="DDN (Rony et al. 2019), smallest successful perturbation kept",
     options=(Option("ddn_steps", int, 100, ge=1, help="iterations", neutral=False),
              Option("ddn_init_norm", float, 1.0, gt=0, help="the starting norm epsilon", neutral=False),

@@ -1,4 +1,11 @@
-"""PGD in l2, linf and l1 balls, and its minimal-distance mode (a per-input bisection over the budget)."""
+"""PGD in l2, linf and l1 balls, and its minimal-distance mode (a per-input bisection over the budget).
+
+l2: normalized-gradient steps and projection on the ball; linf: sign steps and clamping; l1: a sparse
+steepest-ascent step (the ``l1_sparsity`` fraction of coordinates with the largest gradient magnitude,
+skipping coordinates pinned at the box bound in the gradient's direction, as in SLIDE, Tramer & Boneh
+2019) followed by the **exact** Euclidean projection onto the l1 ball (``project_l1_ball``, Duchi et
+al. 2008).
+"""
 
 from __future__ import annotations
 
@@ -9,33 +16,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from rslib.core.attacks.base import (
-    DEFAULT_RESCUE_SCALES,
-    LABELS,
-    AttackResult,
-    AttackSpec,
-    Judge,
-    check_inputs,
-    check_topk,
-    clamp_to_box,
-    default_judge,
-    finalize,
-    input_gradient,
-    is_success,
-    per_input,
-    per_input_view,
-    project_lp_ball,
-    register_attack,
-    topk_labels,
-    uniform_ball,
-)
+from rslib.core.attacks import base
+from rslib.core.attacks.base import DEFAULT_RESCUE_SCALES, AttackResult, AttackSpec, Judge
 from rslib.core.modules import eval_mode
 from rslib.core.noises import parse_norm
 from rslib.util.options import Option
-
-# ----------------------------------------------------------------------------------------------
-# PGD
-# ----------------------------------------------------------------------------------------------
 
 
 def _pgd_step(x: Tensor, x_adv: Tensor, grad: Tensor, norm: float, eps: Tensor, step: Tensor,
@@ -60,8 +45,8 @@ def _pgd_step(x: Tensor, x_adv: Tensor, grad: Tensor, norm: float, eps: Tensor, 
         chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True) & (magnitude > 0)
         count = chosen.sum(1, keepdim=True).clamp_min(1)
         direction = (flat.sign() * chosen / count).view_as(grad)
-    delta = project_lp_ball(delta + per_input_view(step, delta) * direction, norm, eps)
-    return clamp_to_box(x + delta, clip)
+    delta = base.project_lp_ball(delta + base.per_input_view(step, delta) * direction, norm, eps)
+    return base.clamp_to_box(x + delta, clip)
 
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, norm: float | str = 2, eps: float | Tensor = 0.5, *,
@@ -82,33 +67,32 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, norm: float | str = 2, eps: floa
             drawn uniformly in the ball (then clipped), from ``generator`` (on ``x``'s device).
         early_stop: freeze each input as soon as it is adversarial (its smallest-step success);
             otherwise every input runs all steps and the final iterate is judged.
-        topk: success means the label is not in the model's top-k (targeted: the target is in it).
-        judge, judge_every_step, abstain_is_success, rescue_scales: see the module docstring.
+        topk, judge, judge_every_step, abstain_is_success, rescue_scales: see :mod:`rslib.core.attacks.base`.
         l1_sparsity: fraction of coordinates moved by an l1 step.
 
     Returns:
         :class:`AttackResult`; successes are re-checked with ``judge`` and inside the budget.
     """
     norm = parse_norm(norm)
-    y = check_inputs(x, y, clip)
-    check_topk(topk)
+    y = base.check_inputs(x, y, clip)
+    base.check_topk(topk)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0; got {steps!r}")
     if not 0 < l1_sparsity <= 1:
         raise ValueError(f"l1_sparsity must be in (0, 1]; got {l1_sparsity}")
     batch = x.shape[0]
-    eps_t = per_input(eps, batch, x)
+    eps_t = base.per_input(eps, batch, x)
     if bool((eps_t < 0).any()) or not bool(torch.isfinite(eps_t).all()):
         raise ValueError("eps must be finite and >= 0")
-    step_t = 2.5 * eps_t / max(steps, 1) if step_size is None else per_input(step_size, batch, x)
-    final_judge = judge if judge is not None else default_judge(model, topk)
+    step_t = 2.5 * eps_t / max(steps, 1) if step_size is None else base.per_input(step_size, batch, x)
+    final_judge = judge if judge is not None else base.default_judge(model, topk)
     x = x.detach()
 
     with eval_mode(model):
         x_adv = x.clone()
         if random_start:
-            start = uniform_ball(x.shape, norm, eps_t, device=x.device, dtype=x.dtype, generator=generator)
-            x_adv = clamp_to_box(x + start, clip)
+            start = base.uniform_ball(x.shape, norm, eps_t, device=x.device, dtype=x.dtype, generator=generator)
+            x_adv = base.clamp_to_box(x + start, clip)
         found = torch.zeros(batch, dtype=torch.bool, device=x.device)
         active = torch.ones(batch, dtype=torch.bool, device=x.device)
         for t in range(steps + 1):
@@ -117,17 +101,11 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, norm: float | str = 2, eps: floa
                 break
             xa, ya = x_adv[idx], y[idx]
             last = t == steps
-            if last:
-                with torch.no_grad():
-                    logits, grad = model(xa), None
-            else:
-                logits, grad = input_gradient(model, xa, ya, targeted)
+            logits, grad = base.input_gradient(model, xa, ya, targeted, gradient=not last)
             keep = torch.ones(idx.numel(), dtype=torch.bool, device=x.device)
             if early_stop or last:
-                if judge_every_step and judge is not None:
-                    adv = is_success(judge(xa), ya, targeted, abstain_is_success)
-                else:
-                    adv = is_success(topk_labels(logits, topk), ya, targeted, abstain_is_success)
+                predicted = judge(xa) if judge_every_step and judge is not None else base.topk_labels(logits, topk)
+                adv = base.is_success(predicted, ya, targeted, abstain_is_success)
                 if early_stop:
                     found[idx[adv]] = True
                     active[idx[adv]] = False
@@ -141,9 +119,9 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, norm: float | str = 2, eps: floa
                 continue
             x_adv[moving] = _pgd_step(x[moving], xa[keep], grad[keep], norm, eps_t[moving], step_t[moving],
                                       clip, l1_sparsity)
-        return finalize(x, y, x_adv, found, judge=final_judge, targeted=targeted,
-                         abstain_is_success=abstain_is_success, rescue_scales=rescue_scales, clip=clip,
-                         norm=norm, eps=eps_t)
+        return base.finalize(x, y, x_adv, found, judge=final_judge, targeted=targeted,
+                             abstain_is_success=abstain_is_success, rescue_scales=rescue_scales, clip=clip,
+                             norm=norm, eps=eps_t)
 
 
 def pgd_minimal(model: nn.Module, x: Tensor, y: Tensor, norm: float | str, eps_max: float | Tensor, *,
@@ -162,10 +140,10 @@ def pgd_minimal(model: nn.Module, x: Tensor, y: Tensor, norm: float | str, eps_m
     norm = parse_norm(norm)
     if isinstance(search_steps, bool) or not isinstance(search_steps, int) or search_steps < 0:
         raise ValueError(f"search_steps must be an integer >= 0; got {search_steps!r}")
-    label = LABELS[norm]
+    label = base.LABELS[norm]
     batch = x.shape[0]
     y = torch.as_tensor(y, device=x.device).long().reshape(-1)
-    hi = per_input(eps_max, batch, x)
+    hi = base.per_input(eps_max, batch, x)
     best = pgd(model, x, y, norm, hi, **pgd_kwargs)
     best_size = best.distance(label).clone()
     hi = torch.minimum(hi, best_size)
@@ -188,7 +166,7 @@ def pgd_minimal(model: nn.Module, x: Tensor, y: Tensor, norm: float | str, eps_m
     return best
 
 
-register_attack(AttackSpec(
+base.register_attack(AttackSpec(
     name="pgd", stream=2,
     description="PGD, minimal-distance mode (bisection over the budget in [0, eps_max]; step 2.5 eps / steps; "
                 "precision eps_max / 2**search_steps)",

@@ -44,7 +44,6 @@ def noise_from_params(spec: Mapping[str, Any], dim: int, sigma: float) -> Noise:
     name = params.pop("name", None)
     if not isinstance(name, str):
         raise ValueError(f"a noise needs a 'name', e.g. {{name: Gaussian}}; got {dict(spec)!r}")
-    reserved = sorted(set(params) & {"dim", "sigma", "device", "lambd"})
-    if reserved:
+    if reserved := sorted(set(params) & {"dim", "sigma", "device", "lambd"}):
         raise ValueError(f"noise parameters must not set {', '.join(reserved)} (they come from the section)")
     return make_noise(name, dim, sigma=sigma, **params)

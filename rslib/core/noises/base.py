@@ -46,22 +46,17 @@ def conversion_factor(dim: int, source: Any, target: Any) -> float:
     ``||v||_source <= dim^(1/source - 1/target) ||v||_target`` (Hoelder).
     """
     source, target = parse_norm(source), parse_norm(target)
-    if target <= source:
-        return 1.0
-    return float(dim ** (1.0 / source - 1.0 / target))
+    return 1.0 if target <= source else float(dim ** (1.0 / source - 1.0 / target))
 
 
 def _as_probabilities(prob_lb: Any) -> np.ndarray:
     """float64 copy of ``prob_lb`` after checking that every value lies in [0, 1]."""
-    if isinstance(prob_lb, torch.Tensor):
-        values = prob_lb.detach().to("cpu", torch.float64).numpy()
-    else:
-        values = np.asarray(prob_lb, dtype=np.float64)
+    values = (prob_lb.detach().to("cpu", torch.float64).numpy() if isinstance(prob_lb, torch.Tensor)
+              else np.asarray(prob_lb, dtype=np.float64))
     bad = ~((values >= 0.0) & (values <= 1.0))
     if bad.any():
-        raise ValueError(
-            f"prob_lb must lie in [0, 1] (a lower confidence bound on a probability); "
-            f"got {values[bad].ravel()[:5].tolist()}")
+        raise ValueError(f"prob_lb must lie in [0, 1] (a lower confidence bound on a probability); "
+                         f"got {values[bad].ravel()[:5].tolist()}")
     return values
 
 
@@ -102,8 +97,7 @@ class Noise(ABC):
             raise ValueError(f"dim must be a positive integer (number of input coordinates); got {dim!r}")
         self.dim = int(dim)
         self.device = torch.device(device) if device is not None else None
-        unknown = set(params) - set(self.defaults)
-        if unknown:
+        if unknown := set(params) - set(self.defaults):
             valid = ", ".join(self.defaults) or "none"
             raise ValueError(f"{self.name} does not take parameter(s) {sorted(unknown)}; valid: {valid}")
         for key, default in self.defaults.items():
@@ -155,15 +149,13 @@ class Noise(ABC):
 
     def spec(self) -> dict[str, Any]:
         """Everything needed to rebuild this noise (saved next to certification counts)."""
-        return {"name": self.name, "dim": self.dim, "sigma": self.sigma, "lambd": self.lambd,
-                **self.params()}
+        return {"name": self.name, "dim": self.dim, "sigma": self.sigma, "lambd": self.lambd, **self.params()}
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v}" for k, v in self.params().items())
         return f"{self.name}(dim={self.dim}{extra}, sigma={self.sigma:.6g}, lambd={self.lambd:.6g})"
 
-    def sample_noise(self, batch: int, *, device: str | torch.device | None = None,
-                     dtype: torch.dtype = torch.float32,
+    def sample_noise(self, batch: int, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
                      generator: torch.Generator | None = None) -> torch.Tensor:
         """Noise of shape (batch, dim) on ``device`` (default: the noise's device, else CPU)."""
         device = torch.device(device) if device is not None else (self.device or torch.device("cpu"))
@@ -192,8 +184,7 @@ class Noise(ABC):
         Sound by construction: exact closed forms, or tables whose lookups never overstate.
         Returns the container type of ``prob_lb`` (float, ndarray, or float64 tensor on its device).
         """
-        radius, _ = self.certify_with_source(prob_lb, adv)
-        return _like_input(radius, prob_lb)
+        return _like_input(self.certify_with_source(prob_lb, adv)[0], prob_lb)
 
     def certify_with_source(self, prob_lb: Any, adv: Any) -> tuple[np.ndarray, np.ndarray]:
         """Radii (float64 ndarray) and the norm of the certificate each one came from.

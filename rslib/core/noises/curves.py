@@ -19,10 +19,8 @@ COLUMNS = ["noise", "norm", "rho", "radius", "source", "method"]
 
 
 def _format_value(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
     if isinstance(value, float):
-        return f"{value:g}"
+        return str(int(value)) if value.is_integer() else f"{value:g}"
     return str(value)
 
 
@@ -50,15 +48,13 @@ def certificate_method(noise: Noise, source: float, target: float) -> str:
 
 def _labels(specs: Sequence[Mapping[str, Any]]) -> list[str]:
     labels = [spec_label(s) for s in specs]
-    repeated = sorted({x for x in labels if labels.count(x) > 1})
-    if repeated:
+    if repeated := sorted({x for x in labels if labels.count(x) > 1}):
         raise ValueError(f"noise specs must be distinct; repeated: {', '.join(repeated)}")
     return labels
 
 
-def radius_curves(
-    specs: Sequence[Mapping[str, Any]], dim: int, sigma: float, rho: np.ndarray, adv: Any
-) -> pd.DataFrame:
+def radius_curves(specs: Sequence[Mapping[str, Any]], dim: int, sigma: float, rho: np.ndarray,
+                  adv: Any) -> pd.DataFrame:
     """One row per (noise, rho): the certified ``adv``-norm radius at ``dim`` and ``sigma``.
 
     Columns: ``noise`` (``spec_label``), ``norm`` ('l1', 'l2' or 'linf'), ``rho``, ``radius``,
@@ -76,36 +72,29 @@ def radius_curves(
         certified = rho > 0.5
         methods = {q: certificate_method(noise, q, norm) for q in np.unique(source[certified])}
         frames.append(pd.DataFrame({
-            "noise": label,
-            "norm": norm_label(norm),
-            "rho": rho,
-            "radius": radius,
+            "noise": label, "norm": norm_label(norm), "rho": rho, "radius": radius,
             "source": [norm_label(q) if ok else NO_CERTIFICATE for q, ok in zip(source, certified, strict=True)],
             "method": [methods[q] if ok else "no certificate (rho <= 1/2): radius 0, abstain"
                        for q, ok in zip(source, certified, strict=True)],
         }))
     if not frames:
-        return pd.DataFrame({c: pd.Series(dtype=float if c in ("rho", "radius") else object)
-                             for c in COLUMNS})
+        return pd.DataFrame({c: pd.Series(dtype=float if c in ("rho", "radius") else object) for c in COLUMNS})
     return pd.concat(frames, ignore_index=True)
 
 
 def noise_summary(specs: Sequence[Mapping[str, Any]], dim: int, sigma: float) -> pd.DataFrame:
     """One row per distinct noise: sigma, lambd, the norms with a direct certificate, and, per norm,
     ``describe_certificate``."""
-    rows = []
-    seen = set()
+    rows, seen = [], set()
     for spec in specs:
         label = spec_label(spec)
         if label in seen:
             continue
         seen.add(label)
         noise = noise_from_params(spec, dim, sigma)
-        row = {"noise": label, "dim": noise.dim, "sigma": noise.sigma, "lambd": noise.lambd,
-               "direct": ", ".join(norm_label(q) for q in noise.direct_norms())}
-        for q in NORMS:
-            row[f"certificate_{norm_label(q)}"] = noise.describe_certificate(q)
-        rows.append(row)
+        rows.append({"noise": label, "dim": noise.dim, "sigma": noise.sigma, "lambd": noise.lambd,
+                     "direct": ", ".join(norm_label(q) for q in noise.direct_norms()),
+                     **{f"certificate_{norm_label(q)}": noise.describe_certificate(q) for q in NORMS}})
     return pd.DataFrame(rows)
 
 
@@ -119,8 +108,7 @@ def radii_at(frame: pd.DataFrame, rho: Sequence[float], noises: Sequence[str] | 
     grid = np.sort(frame["rho"].unique())
     nearest = {float(r): float(grid[np.argmin(np.abs(grid - r))]) for r in rho}
     wanted = frame[frame["rho"].isin(set(nearest.values()))]
-    table = wanted.pivot(index="noise", columns="rho", values="radius")
-    table = table[[nearest[float(r)] for r in rho]]
+    table = wanted.pivot(index="noise", columns="rho", values="radius")[[nearest[float(r)] for r in rho]]
     order = list(noises) if noises is not None else list(dict.fromkeys(frame["noise"]))
     table = table.loc[[n for n in order if n in table.index]]
     table.columns.name = "rho"
@@ -154,14 +142,10 @@ def winners(frame: pd.DataFrame, rtol: float = 0.01) -> pd.DataFrame:
             at_last = wide.loc[last].sort_values(ascending=False, kind="stable")
             others = [n for n in at_last.index if n not in group]
             rows.append({
-                "norm": norm,
-                "best": " ~ ".join(n for n in at_last.index if n in group),
-                "rho_from": first, "rho_to": last,
-                "radius_from": wide.loc[first].max(), "radius_to": at_last.iloc[0],
-                "runner_up": f"{others[0]} ({at_last[others[0]]:.4g})" if others else None,
-            })
-    return pd.DataFrame(rows, columns=["norm", "best", "rho_from", "rho_to", "radius_from",
-                                       "radius_to", "runner_up"])
+                "norm": norm, "best": " ~ ".join(n for n in at_last.index if n in group),
+                "rho_from": first, "rho_to": last, "radius_from": wide.loc[first].max(), "radius_to": at_last.iloc[0],
+                "runner_up": f"{others[0]} ({at_last[others[0]]:.4g})" if others else None})
+    return pd.DataFrame(rows, columns=["norm", "best", "rho_from", "rho_to", "radius_from", "radius_to", "runner_up"])
 
 
 def certificate_sources(frame: pd.DataFrame) -> pd.DataFrame:

@@ -20,8 +20,7 @@ from rslib.core.noises.tables import RadiusTable
 
 U_MIN = 1e-12
 SAFETY = 1.0 - 1e-8
-GRID_SPEC = {"linear": [0.5, 0.05, 900], "geometric": [0.05, U_MIN, 1200], "gauss": [8, 16],
-             "safety": SAFETY}
+GRID_SPEC = {"linear": [0.5, 0.05, 900], "geometric": [0.05, U_MIN, 1200], "gauss": [8, 16], "safety": SAFETY}
 
 
 def u_grid() -> np.ndarray:

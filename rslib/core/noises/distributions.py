@@ -31,18 +31,10 @@ import numpy as np
 import torch
 from scipy import special, stats
 
-from rslib.core.noises import sampling
+from rslib.core.noises import levelset, sampling
 from rslib.core.noises.base import Noise, check_positive, register_noise
 from rslib.core.noises.differential import GRID_SPEC, differential_table
-from rslib.core.noises.levelset import (
-    NODES,
-    RADIUS_GRID,
-    RHO_CEILING,
-    SCORE_LIMIT,
-    SLOPE_MARGIN,
-    SphericalLaw,
-    levelset_table,
-)
+from rslib.core.noises.levelset import SphericalLaw, levelset_table
 from rslib.core.noises.tables import RadiusTable, cached_table, table_key
 
 INF = math.inf
@@ -134,9 +126,7 @@ class Laplace(Noise):
         return "closed form -lambd log(2(1 - rho))" if norm == 1 else f"{DIFFERENTIAL}, binomial Phi"
 
     def _unit_radius(self, rho, norm):
-        if norm == 1:
-            return _half_laplace_radius(rho)
-        return self._linf_table.lookup(rho)
+        return _half_laplace_radius(rho) if norm == 1 else self._linf_table.lookup(rho)
 
     def linf_phi(self, p: np.ndarray) -> np.ndarray:
         """Phi for linf: the top-p mass of ``sum_i sign(x_i) = 2B - d``, ``B ~ Binomial(d, 1/2)``."""
@@ -172,14 +162,10 @@ class Uniform(Noise):
         return (1.0, INF)
 
     def method(self, norm):
-        if norm == 1:
-            return "closed form 2 lambd (rho - 1/2)"
-        return "closed form 2 lambd (1 - (3/2 - rho)^(1/d))"
+        return "closed form 2 lambd (rho - 1/2)" if norm == 1 else "closed form 2 lambd (1 - (3/2 - rho)^(1/d))"
 
     def _unit_radius(self, rho, norm):
-        if norm == 1:
-            return 2.0 * (rho - 0.5)
-        return -2.0 * np.expm1(np.log1p(0.5 - rho) / self.dim)
+        return 2.0 * (rho - 0.5) if norm == 1 else -2.0 * np.expm1(np.log1p(0.5 - rho) / self.dim)
 
 
 @register_noise
@@ -251,8 +237,7 @@ class ExpInf(Noise):
         if self.dim < 2:
             raise ValueError("ExpInf needs dim >= 2 (in one dimension use Expp with p = k)")
         self.k = check_positive("k", self.k)
-        self.j = check_positive("j", self.j, strict=False, upper=self.dim - 1,
-                                upper_label=f"dim - 1 = {self.dim - 1}")
+        self.j = check_positive("j", self.j, strict=False, upper=self.dim - 1, upper_label=f"dim - 1 = {self.dim - 1}")
 
     def unit_sigma(self) -> float:
         d, k, j = self.dim, self.k, self.j
@@ -301,9 +286,7 @@ class PowInf(Noise):
 
     def unit_sigma(self) -> float:
         d, a = self.dim, self.a
-        if a <= d + 2:
-            return INF
-        return math.sqrt(((d - 1) / 3 + 1) * (d + 1) / ((a - d - 1) * (a - d - 2)))
+        return math.sqrt(((d - 1) / 3 + 1) * (d + 1) / ((a - d - 1) * (a - d - 2))) if a > d + 2 else INF
 
     def _fill_unit_noise(self, out, generator):
         sampling.linf_sphere_(out, generator=generator)
@@ -360,8 +343,8 @@ class Exp1(Noise):
 
 
 def _spherical_table(kind: str, law: SphericalLaw, unit_sigma: float, **spec: float) -> RadiusTable:
-    grid = {"nodes": NODES, "score_limit": SCORE_LIMIT, "radii": RADIUS_GRID, "ceiling": RHO_CEILING,
-            "slope_margin": SLOPE_MARGIN}
+    grid = {"nodes": levelset.NODES, "score_limit": levelset.SCORE_LIMIT, "radii": levelset.RADIUS_GRID,
+            "ceiling": levelset.RHO_CEILING, "slope_margin": levelset.SLOPE_MARGIN}
     return cached_table(table_key(kind, grid=grid, **spec), lambda: levelset_table(law, unit_sigma))
 
 
@@ -431,14 +414,11 @@ class Exp2(Noise):
         shape = (d - j) / k
 
         def quantiles(lower, upper):
-            power = np.where(lower < 0.5, special.gammaincinv(shape, lower),
-                             special.gammainccinv(shape, upper))
+            power = np.where(lower < 0.5, special.gammaincinv(shape, lower), special.gammainccinv(shape, upper))
             return power ** (1 / k)
 
-        return SphericalLaw(
-            dim=d, radius_quantiles=quantiles,
-            gap=(lambda r, t: _log_power_gap(r, t, k, j)) if j else (lambda r, t: _power_gap(r, t, k)),
-            h_prime=lambda r: j / r + k * r ** (k - 1))
+        return SphericalLaw(dim=d, radius_quantiles=quantiles, h_prime=lambda r: j / r + k * r ** (k - 1),
+                            gap=(lambda r, t: _log_power_gap(r, t, k, j)) if j else (lambda r, t: _power_gap(r, t, k)))
 
 
 @register_noise
@@ -450,9 +430,7 @@ class Pow2(Noise):
 
     def _check_params(self):
         self.k = check_positive("k", self.k)
-        if self.a is None:
-            self.a = float(self.dim + 10)
-        self.a = check_positive("a", self.a)
+        self.a = check_positive("a", float(self.dim + 10) if self.a is None else self.a)
         if self.a <= self.dim / self.k:
             raise ValueError(f"Pow2 needs a > dim / k = {self.dim / self.k:g}; got a={self.a}")
 
@@ -479,8 +457,7 @@ class Pow2(Noise):
         return LEVEL_SET
 
     def _unit_radius(self, rho, norm):
-        spec = {"dim": self.dim, "k": self.k, "a": self.a}
-        return _spherical_table("pow2_l2", self.law(), self.unit_sigma(), **spec).lookup(rho)
+        return _spherical_table("pow2_l2", self.law(), self.unit_sigma(), dim=self.dim, k=self.k, a=self.a).lookup(rho)
 
     def law(self) -> SphericalLaw:
         d, k, a = self.dim, self.k, self.a
@@ -492,11 +469,8 @@ class Pow2(Noise):
             one_minus_b = special.betaincinv(beta, alpha, upper)
             return (b / one_minus_b) ** (1 / k)
 
-        return SphericalLaw(
-            dim=d, radius_quantiles=quantiles,
-            gap=self._gap,
-            h_prime=lambda r: a * k * r ** (k - 1) / (1 + r**k))
-
+        return SphericalLaw(dim=d, radius_quantiles=quantiles, gap=self._gap,
+                            h_prime=lambda r: a * k * r ** (k - 1) / (1 + r**k))
 
     def _gap(self, r: np.ndarray, t: np.ndarray) -> np.ndarray:
         """``r - s`` with ``(1 + s^k) = (1 + r^k) e^(-t/a)``, i.e. ``s^k = r^k (1 + z)``."""
@@ -516,8 +490,7 @@ class Expp(Noise):
         self.p = check_positive("p", self.p)
 
     def unit_sigma(self) -> float:
-        p = self.p
-        return math.exp(0.5 * (math.lgamma(3 / p) - math.lgamma(1 / p)))
+        return math.exp(0.5 * (math.lgamma(3 / self.p) - math.lgamma(1 / self.p)))
 
     def _fill_unit_noise(self, out, generator):
         sampling.symmetric_generalized_gamma_(out, self.p, generator=generator)

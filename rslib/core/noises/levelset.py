@@ -61,24 +61,19 @@ def _outside_probability(law: SphericalLaw, radii: np.ndarray, weights: np.ndarr
     shift = e[:, None]
     # ((r + e)^2 - s^2) / (4 e r) with s = r - gap; the gap is formed without cancellation.
     gap = np.minimum(law.gap(r, t[:, None]), r)
-    x = (shift + gap) * (2 * r + shift - gap) / (4 * shift * r)
-    x = np.clip(x, 0.0, 1.0)
+    x = np.clip((shift + gap) * (2 * r + shift - gap) / (4 * shift * r), 0.0, 1.0)
     half = (law.dim - 1) / 2
-    prob = special.betainc(half, half, 1.0 - x if complement else x)
-    return prob @ weights
+    return special.betainc(half, half, 1.0 - x if complement else x) @ weights
 
 
-def _solve_threshold(law: SphericalLaw, radii: np.ndarray, weights: np.ndarray,
-                     e: np.ndarray) -> np.ndarray:
+def _solve_threshold(law: SphericalLaw, radii: np.ndarray, weights: np.ndarray, e: np.ndarray) -> np.ndarray:
     """Lower end of a tight bracket of ``t*`` with ``P(z in S_t*) = 1/2`` (vectorized Illinois)."""
 
     def f(t: np.ndarray, shift: np.ndarray) -> np.ndarray:
         return _outside_probability(law, radii, weights, t, shift, complement=False) - 0.5
 
-    hi = np.zeros_like(e)
-    f_hi = f(hi, e)
-    lo = -np.ones_like(e)
-    f_lo = f(lo, e)
+    hi, lo = np.zeros_like(e), -np.ones_like(e)
+    f_hi, f_lo = f(hi, e), f(lo, e)
     for _ in range(200):
         need = f_lo >= 0
         if not need.any():
@@ -112,8 +107,7 @@ def _solve_threshold(law: SphericalLaw, radii: np.ndarray, weights: np.ndarray,
 def _rho_curve(law: SphericalLaw, e: np.ndarray, points: int) -> np.ndarray:
     radii, weights = law.quadrature(points)
     t = _solve_threshold(law, radii, weights, e)
-    tail = _outside_probability(law, radii, weights, -t, e, complement=True)
-    return 1.0 - tail
+    return 1.0 - _outside_probability(law, radii, weights, -t, e, complement=True)
 
 
 def radius_grid(unit_sigma: float) -> np.ndarray:

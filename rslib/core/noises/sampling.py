@@ -21,16 +21,8 @@ import math
 
 import torch
 
-__all__ = [
-    "betaprime",
-    "l1_sphere_",
-    "l2_sphere_",
-    "laplace_",
-    "linf_sphere_",
-    "standard_gamma",
-    "symmetric_generalized_gamma_",
-    "symmetric_pareto_",
-]
+__all__ = ["betaprime", "l1_sphere_", "l2_sphere_", "laplace_", "linf_sphere_", "standard_gamma",
+           "symmetric_generalized_gamma_", "symmetric_pareto_"]
 
 # Above this concentration the Marsaglia-Tsang acceptance test is done in float64 with log1p: the
 # log-acceptance is a sum of terms of size ~d that cancel down to O(1) (float32 would lose it).
@@ -63,9 +55,7 @@ def _work(out: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 
 def _finish(out: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
-    if work is not out:
-        out.copy_(work)
-    return out
+    return out if work is out else out.copy_(work)
 
 
 def _rows(out2d: torch.Tensor) -> torch.Tensor:
@@ -123,8 +113,7 @@ def _gamma_dtype(concentration: float, dtype: torch.dtype, device) -> tuple[torc
     return (torch.float64 if dtype == torch.float64 else torch.float32), False
 
 
-def _mt_log_gamma(concentration: float, n: int, generator, device, dtype: torch.dtype,
-                  precise: bool):
+def _mt_log_gamma(concentration: float, n: int, generator, device, dtype: torch.dtype, precise: bool):
     """One Marsaglia-Tsang round: ``n`` candidates for ``log Gamma(concentration)``.
 
     Returns ``(log_g, accepted)``. With ``d = a - 1/3``, ``t = x / sqrt(9 d)`` (``x`` standard normal), the candidate is
@@ -149,26 +138,19 @@ def _mt_log_gamma(concentration: float, n: int, generator, device, dtype: torch.
     return log_g, ok
 
 
-def _log_standard_gamma(concentration: float, n: int, generator, device,
-                        dtype: torch.dtype) -> torch.Tensor:
+def _log_standard_gamma(concentration: float, n: int, generator, device, dtype: torch.dtype) -> torch.Tensor:
     """``log`` of ``n`` Gamma(concentration) samples (flat, in the working dtype)."""
     wd, precise = _gamma_dtype(concentration, dtype, device)
-
-    def propose(m, buf):
-        return _mt_log_gamma(concentration, m, generator, device, wd, precise)
-
-    return _accept_reject(torch.empty(n, device=device, dtype=wd), propose)
+    return _accept_reject(torch.empty(n, device=device, dtype=wd),
+                          lambda m, buf: _mt_log_gamma(concentration, m, generator, device, wd, precise))
 
 
 def _default_device(device, generator):
-    if device is None and generator is not None:
-        return generator.device
-    return device
+    return generator.device if device is None and generator is not None else device
 
 
-def standard_gamma(concentration: float, size: tuple[int, ...], *,
-                   generator: torch.Generator | None = None, device=None,
-                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def standard_gamma(concentration: float, size: tuple[int, ...], *, generator: torch.Generator | None = None,
+                   device=None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Gamma(concentration, rate 1) samples of shape ``size`` (Marsaglia-Tsang, vectorised).
 
     Exact for any concentration > 0: below 1 the Gamma(c + 1) boost is applied in log space; above
@@ -182,12 +164,10 @@ def standard_gamma(concentration: float, size: tuple[int, ...], *,
     return log_g.exp_().to(dtype).reshape(size)
 
 
-def betaprime(alpha: float, beta: float, size: tuple[int, ...], *,
-              generator: torch.Generator | None = None, device=None,
-              dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def betaprime(alpha: float, beta: float, size: tuple[int, ...], *, generator: torch.Generator | None = None,
+              device=None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """BetaPrime(alpha, beta) samples: ``Gamma(alpha) / Gamma(beta)``, the ratio taken in log space."""
-    alpha = _check_positive("alpha", alpha)
-    beta = _check_positive("beta", beta)
+    alpha, beta = _check_positive("alpha", alpha), _check_positive("beta", beta)
     size = _as_size(size)
     device = _default_device(device, generator)
     n = math.prod(size)
@@ -206,8 +186,7 @@ def laplace_(out: torch.Tensor, *, generator: torch.Generator | None = None) -> 
     return _finish(out, w)
 
 
-def symmetric_pareto_(out: torch.Tensor, a: float, *,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def symmetric_pareto_(out: torch.Tensor, a: float, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Fill ``out`` with ``sign * (U^(-1/a) - 1)``: density ``(a/2) (1 + |x|)^-(a+1)``."""
     a = _check_positive("a", a)
     w = _uniform_pm1_(_work(out), generator)
@@ -266,8 +245,7 @@ def _ziggurat_layers(p: float) -> tuple[tuple[float, ...], tuple[float, ...], fl
         return math.exp(-(x ** p))
 
     def tail(r):  # integral of f over (r, inf) = Gamma(1 + 1/p) Q(1/p, r^p)
-        q = torch.special.gammaincc(torch.tensor(a, dtype=torch.float64),
-                                    torch.tensor(r ** p, dtype=torch.float64))
+        q = torch.special.gammaincc(torch.tensor(a, dtype=torch.float64), torch.tensor(r ** p, dtype=torch.float64))
         return math.gamma(1.0 + a) * float(q)
 
     def layers(r):
@@ -310,14 +288,12 @@ class _ZigTables:
         # float32 draws 31-bit int32 words (8 layer bits, 23 position/sign bits), float64 63-bit
         # int64 words (55 position/sign bits).
         self.int_dtype, self.bits = (torch.int32, 23) if dtype == torch.float32 else (torch.int64, 55)
-        self.width = torch.tensor([math.ldexp(x, -self.bits) for x in xs[:n]], dtype=dtype,
-                                  device=device)
+        self.width = torch.tensor([math.ldexp(x, -self.bits) for x in xs[:n]], dtype=dtype, device=device)
         # fast acceptance iff |t| < ceil(2^bits x_{i+1} / x_i), t the signed odd position
         self.limit = torch.tensor([math.ceil(math.ldexp(xs[i + 1] / xs[i], self.bits)) for i in range(n)],
                                   dtype=self.int_dtype, device=device)
         exact = torch.float32 if device.type == "mps" else torch.float64
-        self.x_unit = torch.tensor([math.ldexp(x, -self.bits) for x in xs[:n]], dtype=exact,
-                                   device=device)
+        self.x_unit = torch.tensor([math.ldexp(x, -self.bits) for x in xs[:n]], dtype=exact, device=device)
         self.f = torch.tensor(fs[:n], dtype=exact, device=device)
         self.f_step = torch.tensor([fs[i + 1] - fs[i] for i in range(n)], dtype=exact, device=device)
 
@@ -380,8 +356,7 @@ def _ziggurat_slow(layer: torch.Tensor, abs_t: torch.Tensor, signs: torch.Tensor
     u.mul_(torch.index_select(tab.f_step, 0, layer)).add_(torch.index_select(tab.f, 0, layer))
     ok = u < torch.pow(ax, p).neg_().exp_()
     tail = layer == 0  # layer 0 beyond r: a draw from the tail
-    n_tail = int(tail.sum())
-    if n_tail:
+    if n_tail := int(tail.sum()):
         ax[tail] = _ziggurat_tail(n_tail, p, tab.y0, generator, ax.device, ax.dtype)
         ok |= tail
     return torch.copysign(ax, signs.to(ax.dtype)), ok.logical_not_()
@@ -423,12 +398,15 @@ def linf_sphere_(out2d: torch.Tensor, *, generator: torch.Generator | None = Non
     return _finish(out2d, w)
 
 
+def _normalize_rows_(out2d: torch.Tensor, w: torch.Tensor, ord: float) -> torch.Tensor:
+    """Divide each row of ``w`` by its ``ord``-norm (floored at the dtype's tiny) and store it in ``out2d``."""
+    w.div_(torch.linalg.vector_norm(w, ord=ord, dim=1, keepdim=True).clamp_min_(torch.finfo(w.dtype).tiny))
+    return _finish(out2d, w)
+
+
 def l2_sphere_(out2d: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Each row uniform on the unit l2 sphere (a normalised standard Gaussian vector)."""
-    w = _rows(out2d).normal_(generator=generator)
-    norms = torch.linalg.vector_norm(w, ord=2, dim=1, keepdim=True)
-    w.div_(norms.clamp_min_(torch.finfo(w.dtype).tiny))
-    return _finish(out2d, w)
+    return _normalize_rows_(out2d, _rows(out2d).normal_(generator=generator), 2)
 
 
 def l1_sphere_(out2d: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -437,7 +415,4 @@ def l1_sphere_(out2d: torch.Tensor, *, generator: torch.Generator | None = None)
     ``|x_i| / sum |x_j|`` for iid Exp(1) ``|x_i|`` is Dirichlet(1, ..., 1), uniform on the simplex,
     and the independent signs spread it uniformly over the faces.
     """
-    w = laplace_(_rows(out2d), generator=generator)
-    norms = torch.linalg.vector_norm(w, ord=1, dim=1, keepdim=True)
-    w.div_(norms.clamp_min_(torch.finfo(w.dtype).tiny))
-    return _finish(out2d, w)
+    return _normalize_rows_(out2d, laplace_(_rows(out2d), generator=generator), 1)

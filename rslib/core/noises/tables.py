@@ -37,15 +37,13 @@ class RadiusTable:
     slope: np.ndarray
 
     def __post_init__(self) -> None:
-        problems = table_problems(self.rho, self.radius, self.slope)
-        if problems:
+        if problems := table_problems(self.rho, self.radius, self.slope):
             raise ValueError(f"invalid radius table: {problems}")
 
     def lookup(self, rho: np.ndarray) -> np.ndarray:
         """Lower bound on the unit-scale radius at each ``rho`` (0 where ``rho <= 1/2``)."""
         rho = np.asarray(rho, dtype=np.float64)
-        idx = np.searchsorted(self.rho, rho, side="right") - 1
-        idx = np.clip(idx, 0, len(self.rho) - 1)
+        idx = np.clip(np.searchsorted(self.rho, rho, side="right") - 1, 0, len(self.rho) - 1)
         radius = self.radius[idx] + self.slope[idx] * (rho - self.rho[idx])
         return np.where(rho <= 0.5, 0.0, np.maximum(radius, 0.0))
 
@@ -74,8 +72,7 @@ def table_problems(rho: np.ndarray, radius: np.ndarray, slope: np.ndarray) -> st
 
 def cache_dir() -> Path:
     """Folder of cached tables: ``$RSLIB_CACHE_DIR`` or the user cache dir (``~/.cache/rslib``)."""
-    root = os.environ.get("RSLIB_CACHE_DIR")
-    if root:
+    if root := os.environ.get("RSLIB_CACHE_DIR"):
         return Path(root) / "tables"
     from platformdirs import user_cache_dir
 

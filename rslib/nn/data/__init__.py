@@ -34,15 +34,8 @@ def dataset_info(name: str) -> tuple[tuple[int, int, int], int]:
     return spec.shape, spec.num_classes
 
 
-def load_dataset(
-    name: str,
-    split: str,
-    *,
-    data_dir: str | os.PathLike[str] | None = None,
-    download: bool = False,
-    augment: bool | None = None,
-    seed: int = 0,
-) -> Dataset:
+def load_dataset(name: str, split: str, *, data_dir: str | os.PathLike[str] | None = None, download: bool = False,
+                 augment: bool | None = None, seed: int = 0) -> Dataset:
     """A dataset of ``(image float32 (C, H, W) in [0, 1], label int64)`` pairs.
 
     ``split`` is ``"train"`` or the held-out split, ``"test"`` (``"val"`` is accepted as its
@@ -68,18 +61,9 @@ def load_dataset(
     return spec.load(root, split, bool(download), use_augmentation, seed)
 
 
-def make_loader(
-    dataset: Dataset,
-    *,
-    batch_size: int,
-    shuffle: bool,
-    seed: int,
-    num_workers: int = 0,
-    drop_last: bool = False,
-    distributed: bool = False,
-    num_replicas: int | None = None,
-    rank: int | None = None,
-) -> DataLoader:
+def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
+                drop_last: bool = False, distributed: bool = False, num_replicas: int | None = None,
+                rank: int | None = None) -> DataLoader:
     """A ``DataLoader`` whose order depends only on ``seed`` (and, distributed, on the epoch).
 
     Single process: shuffling draws from a ``torch.Generator`` seeded with ``seed``; successive
@@ -107,16 +91,9 @@ def make_loader(
                                      seed=int(seed), drop_last=drop_last)
     elif num_replicas is not None or rank is not None:
         raise ValueError("num_replicas and rank apply only with distributed=True")
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle if sampler is None else False,
-        sampler=sampler,
-        num_workers=num_workers,
-        drop_last=drop_last,
-        generator=generator,
-        pin_memory=torch.cuda.is_available(),
-    )
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
+                      num_workers=num_workers, drop_last=drop_last, generator=generator,
+                      pin_memory=torch.cuda.is_available())
 
 
 def batch_of(dataset: Dataset, indices: Sequence[int], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,11 +112,7 @@ def subset(dataset: Dataset, skip: int = 1, max_items: int | None = None) -> tup
     """
     if isinstance(skip, bool) or not isinstance(skip, int) or skip < 1:
         raise ValueError(f"skip must be a positive integer; got {skip!r}")
-    if max_items is not None and (isinstance(max_items, bool) or not isinstance(max_items, int)
-                                  or max_items < 0):
+    if max_items is not None and (isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 0):
         raise ValueError(f"max_items must be None or a non-negative integer; got {max_items!r}")
-    indices: Sequence[int] = range(0, len(dataset), skip)  # type: ignore[arg-type]
-    if max_items is not None:
-        indices = indices[:max_items]
-    chosen = list(indices)
+    chosen = list(range(0, len(dataset), skip)[:max_items])  # type: ignore[arg-type]
     return Subset(dataset, chosen), chosen

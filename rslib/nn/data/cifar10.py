@@ -25,18 +25,15 @@ CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_FILES = ("test_batch",)
 CIFAR10_META_FILE = "batches.meta"
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
+# The globals a CIFAR batch pickle may name: NumPy's array reconstruction (NumPy 1.x and 2.x
+# module names) and the codec Python 3 uses for ``bytes`` under pickle protocol 2.
 _PICKLE_ALLOWED = {
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
     ("_codecs", "encode"),
 }
 
@@ -64,8 +61,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         data, labels = batch.get("data"), batch.get("labels")
         if data is None or labels is None:
             raise ValueError(f"keys 'data' and 'labels' are required; found {sorted(batch)}")
-        data = np.asarray(data)
-        labels = np.asarray(labels)
+        data, labels = np.asarray(data), np.asarray(labels)
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise ValueError(f"'data' must be uint8 of shape (N, 3072); found {data.dtype} {data.shape}")
         if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
@@ -75,8 +71,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except Exception as exc:
         raise DatasetCorruptError(
             f"dataset 'cifar10': {path} is not a readable CIFAR-10 batch ({type(exc).__name__}: {exc}); "
-            f"replace the '{CIFAR10_FOLDER}' folder with a fresh copy (or delete it and pass "
-            f"data.download: true)"
+            f"replace the '{CIFAR10_FOLDER}' folder with a fresh copy (or delete it and pass data.download: true)"
         ) from exc
     # Rows are 1024 red, 1024 green then 1024 blue values of a 32x32 image: (N, C, H, W) directly.
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
@@ -119,11 +114,9 @@ class CIFAR10Batches(UInt8Images):
 
 
 def _cifar_how(root: Path) -> str:
-    return (
-        f"pass data.download: true on a machine with internet access, or copy the extracted "
-        f"'{CIFAR10_FOLDER}' folder (from https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) "
-        f"into {root}; {root_hint(root)}"
-    )
+    return (f"pass data.download: true on a machine with internet access, or copy the extracted "
+            f"'{CIFAR10_FOLDER}' folder (from https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) "
+            f"into {root}; {root_hint(root)}")
 
 
 def _cifar_folder(root: Path) -> Path:
@@ -145,32 +138,21 @@ def _load_cifar10(root: Path, split: str, download: bool, augment: bool) -> Data
             download_and_extract_archive(CIFAR10.url, download_root=str(root),
                                          filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
         except Exception as exc:  # network errors come in many types (URLError, HTTPError, ...)
-            raise DatasetNotFoundError(
-                f"dataset 'cifar10': downloading into {root} failed ({type(exc).__name__}: {exc}); "
-                f"{_cifar_how(root)}"
-            ) from exc
+            raise DatasetNotFoundError(f"dataset 'cifar10': downloading into {root} failed ({type(exc).__name__}: "
+                                       f"{exc}); {_cifar_how(root)}") from exc
         folder = root / CIFAR10_FOLDER
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
-        raise DatasetNotFoundError(
-            f"dataset 'cifar10' ({split}) not found: searched {folder}, missing {', '.join(missing)}; "
-            f"{_cifar_how(root)}"
-        )
+        raise DatasetNotFoundError(f"dataset 'cifar10' ({split}) not found: searched {folder}, missing "
+                                   f"{', '.join(missing)}; {_cifar_how(root)}")
     transform = None
     if augment:
         from torchvision import transforms
 
         # Cohen et al. / rs4a / HeatSmoothing training augmentation (on the [0, 1] tensor; the
         # zero padding matches PIL's black fill).
-        transform = transforms.Compose(
-            [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
-        )
+        transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()])
     return CIFAR10Batches(folder, train=split == "train", transform=transform)
-
-
-# ---------------------------------------------------------------------------------------------
-# ImageNet
-# ---------------------------------------------------------------------------------------------
 
 
 DATASETS.register("cifar10", DatasetSpec(

@@ -9,10 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from rslib.nn.data.registry import (
-    DATASETS,
-    DatasetSpec,
-)
+from rslib.nn.data.registry import DATASETS, DatasetSpec
 
 
 @lru_cache(maxsize=8)
@@ -23,20 +20,12 @@ def _digits_split(seed: int, test_fraction: float) -> dict[str, tuple[np.ndarray
     bunch = sklearn_digits()
     images = (bunch.images.astype(np.float32) / 16.0).reshape(-1, *(1, 8, 8))
     labels = bunch.target.astype(np.int64)
-    index = np.arange(len(labels))
-    train_idx, test_idx = train_test_split(
-        index, test_size=test_fraction, random_state=seed, shuffle=True, stratify=labels
-    )
-    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
-    return {
-        "train": (images[train_idx], labels[train_idx]),
-        "test": (images[test_idx], labels[test_idx]),
-    }
+    train_idx, test_idx = map(np.sort, train_test_split(np.arange(len(labels)), test_size=test_fraction,
+                                                        random_state=seed, shuffle=True, stratify=labels))
+    return {"train": (images[train_idx], labels[train_idx]), "test": (images[test_idx], labels[test_idx])}
 
 
-def load_digits(
-    split: Literal["train", "test"], seed: int = 0, test_fraction: float = 0.25
-) -> TensorDataset:
+def load_digits(split: Literal["train", "test"], seed: int = 0, test_fraction: float = 0.25) -> TensorDataset:
     """scikit-learn's 8x8 digits as ``(image, label)`` pairs: float32 (1, 8, 8) in [0, 1], int64.
 
     The split is stratified by label and fixed by ``seed``: the same arguments always give the

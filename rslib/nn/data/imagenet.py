@@ -18,11 +18,10 @@ from rslib.nn.data.registry import (
 # Extensions ImageFolder accepts (torchvision.datasets.folder.IMG_EXTENSIONS), lower case.
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
+
 def _imagenet_how(root: Path) -> str:
-    return (
-        f"expects {root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG (ImageFolder layout: one "
-        f"folder per class, the validation images sorted into class folders too); {root_hint(root)}"
-    )
+    return (f"expects {root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG (ImageFolder layout: one "
+            f"folder per class, the validation images sorted into class folders too); {root_hint(root)}")
 
 
 def _has_image_class(folder: Path) -> bool:
@@ -30,11 +29,10 @@ def _has_image_class(folder: Path) -> bool:
     try:
         with os.scandir(folder) as classes:
             for entry in classes:
-                if not entry.is_dir():
-                    continue
-                with os.scandir(entry.path) as files:
-                    if any(f.name.lower().endswith(_IMAGE_EXTENSIONS) for f in files):
-                        return True
+                if entry.is_dir():
+                    with os.scandir(entry.path) as files:
+                        if any(f.name.lower().endswith(_IMAGE_EXTENSIONS) for f in files):
+                            return True
     except OSError:
         return False
     return False
@@ -44,18 +42,14 @@ def _load_imagenet(root: Path, split: str, download: bool, augment: bool) -> Dat
     from torchvision import datasets, transforms
 
     if download:
-        raise DatasetNotFoundError(
-            f"dataset 'imagenet' cannot be downloaded automatically (its licence requires "
-            f"registration at https://image-net.org); {_imagenet_how(root)}"
-        )
+        raise DatasetNotFoundError(f"dataset 'imagenet' cannot be downloaded automatically (its licence requires "
+                                   f"registration at https://image-net.org); {_imagenet_how(root)}")
     split = "train" if split == "train" else "val"  # ImageNet's held-out split is its val set
     folder = root / split
     if not _has_image_class(folder):
         found = "does not exist" if not folder.exists() else "has no class folder with images"
-        raise DatasetNotFoundError(
-            f"dataset 'imagenet' ({split}) not found: searched {folder}, which {found}; "
-            f"{_imagenet_how(root)}"
-        )
+        raise DatasetNotFoundError(f"dataset 'imagenet' ({split}) not found: searched {folder}, which {found}; "
+                                   f"{_imagenet_how(root)}")
     if augment:
         ops = [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip()]
     else:
@@ -65,8 +59,7 @@ def _load_imagenet(root: Path, split: str, download: bool, augment: bool) -> Dat
         return datasets.ImageFolder(str(folder), transform=transform, target_transform=label_tensor)
     except FileNotFoundError as exc:  # e.g. a class folder without images
         raise DatasetNotFoundError(
-            f"dataset 'imagenet' ({split}): {folder} is incomplete ({exc}); {_imagenet_how(root)}"
-        ) from exc
+            f"dataset 'imagenet' ({split}): {folder} is incomplete ({exc}); {_imagenet_how(root)}") from exc
 
 
 DATASETS.register("imagenet", DatasetSpec(

@@ -29,12 +29,10 @@ _MNIST_LEGACY = {"train": "training.pt", "test": "test.pt"}  # torchvision < 0.9
 
 def _mnist_how(raw: Path) -> str:
     files = MNIST_RAW_FILES["train"] + MNIST_RAW_FILES["test"]
-    return (
-        f"pass data.download: true (it downloads the four MNIST files on a machine with internet "
-        f"access, or checks and extracts the original {', '.join(f + '.gz' for f in files)} already "
-        f"in {raw} without network access), or copy the four uncompressed files into {raw}; "
-        f"{root_hint(raw.parent.parent)}"
-    )
+    return (f"pass data.download: true (it downloads the four MNIST files on a machine with internet "
+            f"access, or checks and extracts the original {', '.join(f + '.gz' for f in files)} already "
+            f"in {raw} without network access), or copy the four uncompressed files into {raw}; "
+            f"{root_hint(raw.parent.parent)}")
 
 
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
@@ -82,10 +80,8 @@ def _decode_mnist(files: tuple[Path, ...], stamp: tuple[int, ...]) -> tuple[torc
         if len(digits) and (int(digits.min()) < 0 or int(digits.max()) > 9):
             raise ValueError(f"labels must lie in 0..9; found {int(digits.min())}..{int(digits.max())}")
     except Exception as exc:
-        raise DatasetCorruptError(
-            f"dataset 'mnist': cannot read {', '.join(map(str, files))} as MNIST "
-            f"({type(exc).__name__}: {exc}); delete them and pass data.download: true"
-        ) from exc
+        raise DatasetCorruptError(f"dataset 'mnist': cannot read {', '.join(map(str, files))} as MNIST "
+                                  f"({type(exc).__name__}: {exc}); delete them and pass data.download: true") from exc
     return pixels.unsqueeze(1), digits
 
 
@@ -121,20 +117,10 @@ def _load_mnist(root: Path, split: str, download: bool, augment: bool) -> Datase
     if files is None:
         raw = root / "MNIST" / "raw"
         missing = [name for name in MNIST_RAW_FILES[split] if not (raw / name).is_file()]
-        raise DatasetNotFoundError(
-            f"dataset 'mnist' ({split}) not found: searched {raw}, missing {', '.join(missing)}; "
-            f"{_mnist_how(raw)}"
-        )
+        raise DatasetNotFoundError(f"dataset 'mnist' ({split}) not found: searched {raw}, missing "
+                                   f"{', '.join(missing)}; {_mnist_how(raw)}")
     stamp = tuple(v for p in files for v in (p.stat().st_size, p.stat().st_mtime_ns))
     return UInt8Images(*_decode_mnist(files, stamp))
-
-
-# ---------------------------------------------------------------------------------------------
-# CIFAR-10
-# ---------------------------------------------------------------------------------------------
-
-# The globals a CIFAR batch pickle may name: NumPy's array reconstruction (NumPy 1.x and 2.x
-# module names) and the codec Python 3 uses for ``bytes`` under pickle protocol 2.
 
 
 DATASETS.register("mnist", DatasetSpec(

@@ -91,11 +91,9 @@ def default_data_dir() -> Path:
 
 
 def root_hint(root: Path) -> str:
-    return (
-        f"the data root here is {root}; set data.data_dir (or the environment variable {DATA_DIR_ENV}, "
-        f"used when data_dir is not set; default ./{DEFAULT_DATA_DIR} in the folder rslib runs from) "
-        f"to the folder that holds the data"
-    )
+    return (f"the data root here is {root}; set data.data_dir (or the environment variable {DATA_DIR_ENV}, "
+            f"used when data_dir is not set; default ./{DEFAULT_DATA_DIR} in the folder rslib runs from) "
+            f"to the folder that holds the data")
 
 
 class UInt8Images(Dataset):
@@ -109,10 +107,8 @@ class UInt8Images(Dataset):
     def __init__(self, data: torch.Tensor, targets: torch.Tensor,
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if data.dtype != torch.uint8 or data.dim() != 4 or targets.shape != (len(data),):
-            raise ValueError(
-                f"UInt8Images needs uint8 data (N, C, H, W) and N targets; got {data.dtype} "
-                f"{tuple(data.shape)} and targets {tuple(targets.shape)}"
-            )
+            raise ValueError(f"UInt8Images needs uint8 data (N, C, H, W) and N targets; got {data.dtype} "
+                             f"{tuple(data.shape)} and targets {tuple(targets.shape)}")
         self.data = data
         self.targets = targets.to(torch.int64)
         self.transform = transform

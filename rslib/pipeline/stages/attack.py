@@ -27,14 +27,12 @@ Targets (``attack.target``):
 PGD runs in minimal-distance mode (``rslib.core.attacks.pgd_minimal``: bisection over the budget in
 ``[0, attack.eps_max]``), so like DDN it reports the smallest successful perturbation it found.
 
-Resume and sharding (``rslib.pipeline.resumable.compute_rows``): the subset is cut into chunks of
-``attack.images_per_batch`` images; under ``torchrun`` rank ``r`` of ``w`` takes chunks ``r::w``.
-Every finished chunk is appended to a partial row file, so an interrupted attack resumes at the first
-unfinished chunk; the noise of a chunk comes from generators seeded by (seed, attack, first index of
-the chunk), so rows do not depend on interruptions or on the number of ranks (a chunk is therefore
-always computed whole). A finished attack whose digest and checkpoint match is skipped, so adding an
-attack to ``attack.attacks`` or changing ``ddn_steps`` re-runs only what changed. The L-bound
-statistics are computed by rank 0.
+Resume and sharding as in ``rslib.pipeline.resumable.compute_rows``, in chunks of ``attack.images_per_batch``
+images: an interrupted attack resumes at its first unfinished chunk. The noise of a chunk comes from generators
+seeded by (seed, attack, first index of the chunk), so rows do not depend on interruptions or on the number of
+ranks (a chunk is therefore always computed whole). A finished attack whose digest and checkpoint match is
+skipped, so adding an attack to ``attack.attacks`` or changing ``ddn_steps`` re-runs only what changed. The
+L-bound statistics are computed by rank 0.
 
 Under ``torchrun`` every rank runs it: ``torchrun --nproc_per_node N -m rslib stage attack PARAMS``.
 """
@@ -52,37 +50,22 @@ import pandas as pd
 import torch
 from torch import nn
 
-from rslib.core.attacks import (
-    ATTACKS,
-    FRAME_COLUMNS,
-    AttackResult,
-    majority_vote_judge,
-    smooth_predict_judge,
-)
-from rslib.core.attacks.base import LBOUND_STREAM
+from rslib.core.attacks import ATTACKS, FRAME_COLUMNS, AttackResult
+from rslib.core.attacks.base import LBOUND_STREAM, majority_vote_judge, smooth_predict_judge
 from rslib.core.certify import Smooth, smoothed
 from rslib.core.lbound import test_statistics
 from rslib.core.metrics import BEST, attack_summary, best_over_attacks
 from rslib.core.noises import Noise
 from rslib.nn import checkpoints, distributed
 from rslib.nn.data import DATASETS, batch_of
-from rslib.pipeline import inputs, layout
+from rslib.pipeline import inputs, layout, resumable
 from rslib.pipeline.params import Experiment, section_digest
-from rslib.pipeline.resumable import (
-    RowSchema,
-    ShardedTable,
-    compute_rows,
-    finished_table,
-)
+from rslib.pipeline.resumable import RowSchema, ShardedTable, compute_rows, finished_table
 from rslib.pipeline.stage import STAGES, CheckpointField, Stage
 from rslib.util.digest import digest
-from rslib.util.files import (
-    atomic_write_json,
-    json_safe,
-    read_json_dict,
-)
+from rslib.util.files import atomic_write_json, json_safe, read_json_dict
 from rslib.util.provenance import provenance
-from rslib.util.tables import count_rows, csv_text, write_csv
+from rslib.util.tables import csv_text, write_csv
 
 #: Columns of ``results/attack_<name>.csv``.
 ROW_COLUMNS = list(FRAME_COLUMNS)
@@ -96,16 +79,9 @@ _LBOUND_ONLY = ("lbound_topk", "lbound_draws")
 LBOUND = "lbound"
 
 
-# --------------------------------------------------------------------------- digests
-
-
 def result_path(results: Path, name: str) -> Path:
     """``results/attack_<name>.csv``."""
     return layout.table_paths(results, layout.attack_table(name))[0]
-
-
-def _stream(task: str) -> int:
-    return LBOUND_STREAM if task == LBOUND else ATTACKS[task].stream
 
 
 def task_digest(experiment: Experiment, task: str) -> str:
@@ -114,18 +90,14 @@ def task_digest(experiment: Experiment, task: str) -> str:
     Covered: the seed, the dataset, the noise (for smoothed targets and the L-bound), the shared attack
     settings the task reads (by their declarations: speed-only ones count as fixed) and the task's
     own options; other attacks' options are left out. The trained weights are covered separately by
-    the checkpoint's sha256.
-    """
+    the checkpoint's sha256."""
     if task != LBOUND and task not in ATTACKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join([*ATTACKS, LBOUND])}")
     attack = section_digest("attack", dataclasses.asdict(experiment.attack), neutral=False)
     drop = {"attacks"} | {option.key for name, spec in ATTACKS.items() if name != task for option in spec.options}
     if experiment.attack.target == "base":
         drop |= set(_SMOOTHED_ONLY)
-    if task == LBOUND:
-        drop |= {"fresh_draws", "judge", "judge_n", "judge_alpha", "batch_size"}
-    else:
-        drop |= set(_LBOUND_ONLY)
+    drop |= {"fresh_draws", "judge", "judge_n", "judge_alpha", "batch_size"} if task == LBOUND else set(_LBOUND_ONLY)
     data = {"seed": experiment.seed, "dataset": experiment.data.dataset, "task": task,
             "attack": {k: v for k, v in attack.items() if k not in drop}}
     if experiment.attack.target == "smoothed" or task == LBOUND:
@@ -135,54 +107,38 @@ def task_digest(experiment: Experiment, task: str) -> str:
 
 def _chunk_seed(seed: int, task: str, first_index: int, stream: int) -> int:
     """Seed of one generator of one chunk: independent of batching history, interruptions and ranks."""
-    mixed = ((seed * 1_000_003 + _stream(task)) * 1_000_033 + first_index) * 4 + stream
-    return mixed % (2**63 - 1)
+    task_stream = LBOUND_STREAM if task == LBOUND else ATTACKS[task].stream
+    return (((seed * 1_000_003 + task_stream) * 1_000_033 + first_index) * 4 + stream) % (2**63 - 1)
 
 
-# --------------------------------------------------------------------------- partial row files
+#: Every partial column's dtype, which is also how ``RowSchema`` reads a partial row back.
+_DTYPES = {"idx": "int64", "label": "Int64", "attack": "object", "success": "bool",
+           **{c: "float64" for c in (*DISTANCES, "seconds")}}
 
 
 def rows_frame(rows: Iterable[Sequence[Any]] = (), columns: Sequence[str] = PARTIAL_COLUMNS) -> pd.DataFrame:
     """Rows as a frame with the attack-table dtypes."""
-    frame = pd.DataFrame(list(rows), columns=list(columns))
-    types = {"idx": "int64", "label": "Int64", "attack": "object", "success": "bool"}
-    types |= {c: "float64" for c in (*DISTANCES, "seconds") if c in frame}
-    return frame.astype(types)
+    return RowSchema(_DTYPES).frame(rows, columns)
 
 
-def _parse_row(fields: list[str], name: str) -> list[Any]:
-    if len(fields) != len(PARTIAL_COLUMNS):
-        raise ValueError("wrong number of fields")
-    idx, label, attack, success, *numbers = fields
-    if attack != name:
-        raise ValueError(f"row of attack {attack!r} in the file of {name!r}")
-    flag = {"True": True, "False": False}[success]
-    values = [float(v) for v in numbers]
-    if any(math.isnan(v) for v in values):
-        raise ValueError("NaN")
-    distances = values[:len(DISTANCES)]
-    if flag != all(math.isfinite(v) for v in distances):
+def _check_row(name: str, row: dict[str, Any]) -> None:
+    """Refuse a row without a label, of another attack, or whose success disagrees with finite distances."""
+    if row["label"] is pd.NA or row["attack"] != name:
+        raise ValueError(f"row of attack {row['attack']!r} in the file of {name!r}, or without a label")
+    if row["success"] != all(math.isfinite(row[c]) for c in DISTANCES):
         raise ValueError("success and finite distances disagree")
-    return [int(idx), int(label), attack, flag, *values]
 
 
 def attack_rows_table(results: Path, name: str) -> ShardedTable:
     """The sharded table ``results/attack_<name>.csv`` (a re-run chunk's latest rows win)."""
-    schema = RowSchema(PARTIAL_COLUMNS, lambda fields: _parse_row(fields, name), rows_frame)
+    schema = RowSchema(_DTYPES, lambda row: _check_row(name, row))
     return ShardedTable(results, layout.attack_table(name), schema, keep="last")
-
-
-# --------------------------------------------------------------------------- one chunk
 
 
 def make_judge(model: nn.Module, noise: Noise, num_classes: int, spec, seed: int,
                generator: torch.Generator | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The smoothed hard classifier that judges successes against a smoothed target.
-
-    ``spec.judge == 'predict'``: ``Smooth.predict`` with ``spec.judge_n`` draws (abstains unless the
-    top class wins the binomial test at ``spec.judge_alpha``; an abstention is not a success);
-    ``'vote'``: the majority vote over ``spec.judge_n`` draws from ``generator``.
-    """
+    """The smoothed hard classifier that judges successes against a smoothed target (``spec.judge``: see the
+    module docstring); the majority vote draws from ``generator``."""
     if spec.judge == "predict":
         smooth = Smooth(model, noise, num_classes, seed=seed)
         return smooth_predict_judge(smooth, spec.judge_n, spec.judge_alpha, spec.batch_size)
@@ -194,10 +150,8 @@ def attack_batch(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     """Run the registered attack ``name`` with the options of ``spec`` (the ``attack`` section) on one batch.
 
     ``seed`` seeds this batch's generators (noise draws of the smoothed soft classifier, the judge's
-    draws, and the attack's own randomness: DDN's random directions at zero gradients, ALMA's starts).
-    """
-    device = x.device
-    generators = [torch.Generator(device=device).manual_seed((seed * 3 + s) % (2**63 - 1)) for s in range(3)]
+    draws, and the attack's own randomness: DDN's random directions at zero gradients, ALMA's starts)."""
+    generators = [torch.Generator(device=x.device).manual_seed((seed * 3 + s) % (2**63 - 1)) for s in range(3)]
     target, judge = model, None
     if spec.target == "smoothed":
         target = smoothed(model, noise, spec.draws, fresh=spec.fresh_draws, generator=generators[0])
@@ -205,14 +159,10 @@ def attack_batch(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     return ATTACKS[name].attack(target, x, y, spec.options(name), judge, generators[2])
 
 
-# --------------------------------------------------------------------------- the run
-
-
 def _check(experiment: Experiment, num_classes: int) -> None:
     spec = experiment.attack
     if spec.lbound_topk >= num_classes:
-        raise ValueError(f"attack.lbound_topk must be < the number of classes ({num_classes}); "
-                         f"got {spec.lbound_topk}")
+        raise ValueError(f"attack.lbound_topk must be < the number of classes ({num_classes}); got {spec.lbound_topk}")
     if spec.target == "smoothed" and spec.judge == "predict" and spec.judge_n < 2:
         raise ValueError("attack.judge_n must be >= 2 with judge 'predict' (the binomial test needs draws)")
 
@@ -240,7 +190,6 @@ class _AttackSetup:
         self.num_classes = DATASETS[experiment.data.dataset].num_classes
         _check(experiment, self.num_classes)
         checkpoint, self.checkpoint = inputs.stage_checkpoint(experiment, "attack", output_dir)
-        self.sha = self.checkpoint["sha256"]
         self.model = checkpoints.load(checkpoint, device=ctx.device).requires_grad_(False)
         self.noise = inputs.experiment_noise(experiment)
         self.dataset, self.selection = inputs.test_selection(experiment, self.spec.skip, self.spec.max)
@@ -248,18 +197,15 @@ class _AttackSetup:
         self.chunks = [self.selection[i:i + size] for i in range(0, len(self.selection), size)]
 
     def guard(self, task: str) -> dict[str, str]:
-        return {"digest": task_digest(self.experiment, task), "checkpoint_sha256": self.sha}
+        return {"digest": task_digest(self.experiment, task), "checkpoint_sha256": self.checkpoint["sha256"]}
 
     def common_meta(self) -> dict[str, Any]:
         spec = self.spec
         return {"experiment": self.experiment.experiment, "params": self.experiment.to_dict(),
-                "seed": self.experiment.seed, "checkpoint": self.checkpoint,
-                "target": _target_info(spec, self.noise),
+                "seed": self.experiment.seed, "checkpoint": self.checkpoint, "target": _target_info(spec, self.noise),
                 "selection": {"split": "test", "skip": spec.skip, "max": spec.max, "images": len(self.selection),
                               "images_per_batch": spec.images_per_batch},
                 "world_size": self.ctx.world_size, "device": str(self.ctx.device), "provenance": provenance()}
-
-    # ----------------------------------------------------------------------- one attack
 
     def attack(self, name: str) -> Path:
         ctx, spec = self.ctx, self.spec
@@ -315,8 +261,6 @@ class _AttackSetup:
         self.ctx.barrier()
         return path
 
-    # ----------------------------------------------------------------------- L-bound statistics
-
     def lbound(self) -> Path:
         results, spec = self.results, self.spec
         final, meta_path = layout.table_paths(results, layout.LBOUND_TABLE)
@@ -336,7 +280,6 @@ class _AttackSetup:
                                           generator=generator, batch_size=spec.images_per_batch, indices=chunk))
             seconds += time.perf_counter() - tic
         table = pd.concat(frames, ignore_index=True)
-        images = len(table)
         meta = {**self.common_meta(), "guard": guard, "file": final.name, "columns": list(table.columns),
                 "approximate": True, "norm": "l2", "sigma": self.noise.sigma, "topk": spec.lbound_topk,
                 "softmax": (f"mean softmax over R = {draws} noise draws (Monte-Carlo smoothed model)"
@@ -345,13 +288,11 @@ class _AttackSetup:
                 "note": "APPROXIMATE: holds for an exact Gaussian average of the classifier; a trained averaged "
                         "network or a finite-R Monte-Carlo average only approximates one. For a plain (not "
                         "averaged) model it is no bound at all.",
-                "timing": {"seconds_per_image": seconds / images if images else None,
+                "timing": {"seconds_per_image": seconds / len(table) if len(table) else None,
                            "wall_seconds": time.perf_counter() - started}}
         write_csv(final, table)
         atomic_write_json(meta_path, json_safe(meta))
         return final
-
-    # ----------------------------------------------------------------------- everything together
 
     def write_metadata(self, started: float) -> Path:
         path = self.results / layout.ATTACK_SUMMARY
@@ -361,8 +302,8 @@ class _AttackSetup:
         for name in self.spec.attacks:
             metadata = layout.table_paths(self.results, layout.attack_table(name))[1]
             meta = read_json_dict(metadata) or {}
-            attacks[name] = {key: meta.get(key) for key in ("file", "guard", "settings", "timing", "summary")}
-            attacks[name]["metadata"] = metadata.name
+            attacks[name] = {**{key: meta.get(key) for key in ("file", "guard", "settings", "timing", "summary")},
+                             "metadata": metadata.name}
         lbound = read_json_dict(layout.table_paths(self.results, layout.LBOUND_TABLE)[1]) or {}
         meta = {**self.common_meta(), "attacks": attacks,
                 "lbound": {key: lbound.get(key) for key in ("file", "guard", "approximate", "norm", "sigma", "topk",
@@ -378,9 +319,7 @@ def attack_experiment(experiment: Experiment, output_dir: str | Path | None = No
     """Attack the experiment's test subset with every attack of ``attack.attacks``; see the module docstring.
 
     Returns ``{name: results/attack_<name>.csv for each attack, 'lbound': results/lbound.csv,
-    'metadata': results/attack.json}``. Finished attacks (same digest and checkpoint) are reused;
-    an interrupted attack resumes from its partial rows.
-    """
+    'metadata': results/attack.json}``."""
     if experiment.attack is None:
         raise ValueError(f"experiment '{experiment.experiment}' has no attack section")
     output_dir = layout.stage_output_dir(experiment.experiment, output_dir)
@@ -399,9 +338,7 @@ def attack_experiment(experiment: Experiment, output_dir: str | Path | None = No
 
 def read_table(path: str | Path) -> pd.DataFrame:
     """One ``attack_<name>.csv`` with its dtypes (failures read back as ``inf``)."""
-    frame = pd.read_csv(path, dtype={"idx": "int64", "label": "Int64", "attack": "object", "success": "bool",
-                                     **{column: "float64" for column in DISTANCES}})
-    return frame[ROW_COLUMNS]
+    return pd.read_csv(path, dtype={c: _DTYPES[c] for c in ROW_COLUMNS})[ROW_COLUMNS]
 
 
 def read_results(output_dir: str | Path) -> tuple[dict[str, pd.DataFrame], dict[str, Any], pd.DataFrame]:
@@ -417,17 +354,12 @@ def read_results(output_dir: str | Path) -> tuple[dict[str, pd.DataFrame], dict[
 
 def attack_names_present(results: Path) -> list[str]:
     """The attacks with a finished ``attack_<name>.csv`` in ``results``."""
-    return [p.stem.removeprefix("attack_") for p in sorted(results.glob("attack_*.csv"))
-            if p.name != layout.ATTACK_CDF]
-
-
-def rows_on_disk(exp_dir: Path) -> str:
-    """What an unfinished attack stage has on disk: the rows of its partial files."""
-    rows = count_rows(layout.partial_files(layout.results_dir(exp_dir), layout.attack_table("*")))
-    return f"{rows} row(s) on disk" if rows else ""
+    return [p.stem.removeprefix("attack_") for p in sorted(results.glob("attack_*.csv")) if p.name != layout.ATTACK_CDF]
 
 
 STAGES.register("attack", Stage(
     "attack", notebook="attack", requires=("data", "model", "noise", "attack"), reads=("train",),
-    checkpoint=CheckpointField("attack", "checkpoint"), writes=("results/attack_<name>.csv", "results/attack_best.csv", "results/lbound.csv", "results/attack.json"),
-    progress=rows_on_disk, compute=attack_experiment, description="minimal-norm attacks on the test subset, each attack's table resumable"))
+    checkpoint=CheckpointField("attack", "checkpoint"),
+    writes=("results/attack_<name>.csv", "results/attack_best.csv", "results/lbound.csv", "results/attack.json"),
+    progress=resumable.rows_on_disk(layout.attack_table("*")), compute=attack_experiment,
+    description="minimal-norm attacks on the test subset, each attack's table resumable"))

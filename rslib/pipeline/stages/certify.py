@@ -34,67 +34,41 @@ from rslib.core.metrics import certified_accuracy, certify_summary, certify_timi
 from rslib.core.noises import NORM_LABELS, Noise
 from rslib.nn import checkpoints, distributed
 from rslib.nn.data import DATASETS, batch_of
-from rslib.pipeline import inputs, layout
+from rslib.pipeline import inputs, layout, resumable
 from rslib.pipeline.params import Experiment
 from rslib.pipeline.resumable import RowSchema, ShardedTable, compute_rows
 from rslib.pipeline.stage import STAGES, CheckpointField, Stage
 from rslib.util.files import read_json_dict
 from rslib.util.provenance import provenance
-from rslib.util.tables import count_rows, csv_text, write_csv
+from rslib.util.tables import csv_text, write_csv
 
-#: Columns of ``results/certify.csv``: exactly those of ``Certificate.to_frame()`` (sequential
-#: certification adds ``SEQUENTIAL_COLUMNS``).
+#: Columns of ``results/certify.csv``: those of ``Certificate.to_frame()`` (sequential adds ``SEQUENTIAL_COLUMNS``).
 ROW_COLUMNS = frame_columns(sequential=False)
 _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-_INT = {"idx", "prediction", "count_top", "count_second", "n0", "n", "selected", *SEQUENTIAL_COLUMNS}
-_FLOAT = {"alpha", "prob_lb", "radius_l1", "radius_l2", "radius_linf", "seconds_predict", "seconds_certify"}
-_BOOL = {"correct", "in_selection"}
+_INT = ("idx", "prediction", "count_top", "count_second", "n0", "n", "selected", *SEQUENTIAL_COLUMNS)
+_FLOAT = ("alpha", "prob_lb", "radius_l1", "radius_l2", "radius_linf", "seconds_predict", "seconds_certify")
+#: Every column's dtype, which is also how ``RowSchema`` reads a partial row back.
+_DTYPES = ({c: "int64" for c in _INT} | {c: "float64" for c in _FLOAT} | {c: "object" for c in SOURCE_COLUMNS}
+           | {"label": "Int64", "correct": "boolean", "in_selection": "boolean"})
 _SOURCES = {*NORM_LABELS, "none"}
 
 
-# --------------------------------------------------------------------------- rows
-
-
-def _parse_field(column: str, text: str) -> Any:
-    if column in _INT:
-        return int(text)
-    if column == "label":
-        return pd.NA if text == "" else int(text)
-    if column in _FLOAT:
-        value = float(text)
-        if math.isnan(value):
-            raise ValueError(f"{column} is NaN")
-        return value
-    if column in _BOOL:
-        return {"True": True, "False": False, "": pd.NA}[text]
-    if text not in _SOURCES:
-        raise ValueError(f"{column}: unknown source norm {text!r}")
-    return text
-
-
-def _parse_row(fields: list[str], columns: Sequence[str]) -> list[Any]:
-    if len(fields) != len(columns):
-        raise ValueError("wrong number of fields")
-    return [_parse_field(c, v) for c, v in zip(columns, fields, strict=True)]
+def _check_sources(row: dict[str, Any]) -> None:
+    for column in SOURCE_COLUMNS:
+        if row[column] not in _SOURCES:
+            raise ValueError(f"{column}: unknown source norm {row[column]!r}")
 
 
 def rows_frame(rows: Iterable[Sequence[Any]] = (), columns: Sequence[str] = ROW_COLUMNS) -> pd.DataFrame:
     """Parsed rows as a frame with ``Certificate.to_frame()``'s columns and dtypes."""
-    frame = pd.DataFrame(list(rows), columns=list(columns))
-    types = {c: "int64" for c in _INT} | {c: "float64" for c in _FLOAT} | {c: "boolean" for c in _BOOL}
-    types |= {"label": "Int64"} | {c: "object" for c in SOURCE_COLUMNS}
-    return frame.astype({c: t for c, t in types.items() if c in frame.columns})
+    return RowSchema(_DTYPES).frame(rows, columns)
 
 
 def certify_table(results: Path, sequential: bool = False) -> ShardedTable:
     """The sharded table ``results/certify.csv`` (with the sequential columns when ``sequential``)."""
-    columns = frame_columns(sequential)
-    schema = RowSchema(columns, lambda fields: _parse_row(fields, columns), lambda rows: rows_frame(rows, columns))
+    schema = RowSchema({c: _DTYPES[c] for c in frame_columns(sequential)}, _check_sources)
     return ShardedTable(results, layout.CERTIFY_TABLE, schema)
-
-
-# --------------------------------------------------------------------------- the stage
 
 
 def _check(experiment: Experiment, num_classes: int) -> None:
@@ -106,10 +80,6 @@ def _check(experiment: Experiment, num_classes: int) -> None:
                          f"Gaussian; got {experiment.noise.name}")
 
 
-def _lbound_finished(results: Path) -> Callable[[dict[str, Any]], bool]:
-    return lambda meta: not meta.get("lbound") or (results / layout.LBOUND_CERTIFY).exists()
-
-
 def certify_experiment(experiment: Experiment, output_dir: str | Path | None = None, *, progress: bool = True,
                        log: Callable[[str], None] = print) -> Path:
     """Certify the experiment's test subset (resuming, sharded under ``torchrun``); return certify.csv."""
@@ -118,8 +88,7 @@ def certify_experiment(experiment: Experiment, output_dir: str | Path | None = N
     spec = experiment.certify
     output_dir = layout.stage_output_dir(experiment.experiment, output_dir)
     results = layout.results_dir(output_dir)
-    sequential = spec.radii_of_interest is not None
-    table = certify_table(results, sequential)
+    table = certify_table(results, sequential=spec.radii_of_interest is not None)
     ctx = distributed.setup(experiment.device)
     say = log if ctx.is_main else (lambda _: None)
     num_classes = DATASETS[experiment.data.dataset].num_classes
@@ -127,7 +96,7 @@ def certify_experiment(experiment: Experiment, output_dir: str | Path | None = N
     checkpoint, info = inputs.stage_checkpoint(experiment, "certify", output_dir)
     guard = {"digest": experiment.stage_digest("certify"), "checkpoint_sha256": info["sha256"],
              "device_type": ctx.device.type}
-    if table.finished(guard, _lbound_finished(results)):
+    if table.finished(guard, lambda meta: not meta.get("lbound") or (results / layout.LBOUND_CERTIFY).exists()):
         say(f"certification already finished: {table.final}")
         return table.final
     started = time.perf_counter()
@@ -168,25 +137,20 @@ def certify_experiment(experiment: Experiment, output_dir: str | Path | None = N
     return table.final
 
 
-def _metadata(experiment: Experiment, guard: dict[str, str], noise: Noise, info: dict[str, Any],
-              rows: pd.DataFrame, selection: Sequence[int], ctx: distributed.Context, wall: float,
-              fresh: int) -> dict[str, Any]:
+def _metadata(experiment: Experiment, guard: dict[str, str], noise: Noise, info: dict[str, Any], rows: pd.DataFrame,
+              selection: Sequence[int], ctx: distributed.Context, wall: float, fresh: int) -> dict[str, Any]:
     spec = experiment.certify
     return {
-        "experiment": experiment.experiment, "guard": guard, "params": experiment.to_dict(),
-        "seed": experiment.seed, "noise": noise.spec(), "noise_description": repr(noise),
-        "checkpoint": info, "columns": list(rows.columns),
+        "experiment": experiment.experiment, "guard": guard, "params": experiment.to_dict(), "seed": experiment.seed,
+        "noise": noise.spec(), "noise_description": repr(noise), "checkpoint": info, "columns": list(rows.columns),
         "selection": {"split": "test", "skip": spec.skip, "max": spec.max, "images": len(selection)},
         "world_size": ctx.world_size, "device": str(ctx.device),
         "timing": {**certify_timing(rows, spec.n0, float(rows["n"].mean()) if len(rows) else spec.n),
-                   "wall_seconds": wall,
-                   "images_certified_in_last_call": fresh,
+                   "wall_seconds": wall, "images_certified_in_last_call": fresh,
                    "wall_seconds_per_image": wall / fresh if fresh else None},
         "summary": certify_summary(rows).reset_index().to_dict(orient="records"),
         "accuracy_denominator": "all evaluated images (abstains count as failures)",
-        "lbound": None, "provenance": provenance(),
-        "sequential": _sequential_summary(spec, rows),
-    }
+        "lbound": None, "provenance": provenance(), "sequential": _sequential_summary(spec, rows)}
 
 
 def _sequential_summary(spec, rows: pd.DataFrame) -> dict[str, Any] | None:
@@ -219,12 +183,10 @@ def _write_lbound(model: torch.nn.Module, dataset, selection: Sequence[int], sig
         "note": "APPROXIMATE: holds for an exact Gaussian average; a trained averaged network only "
                 "approximates one. certify.csv holds the rigorous Monte-Carlo certificate.",
         "certified_accuracy_r0": float(certified_accuracy(lbound_as_table(lbound), [0.0], "l2")[0]),
-        "seconds_per_image_one_pass": one_pass,
-        "seconds_per_image_monte_carlo_prediction": monte_carlo_seconds,
+        "seconds_per_image_one_pass": one_pass, "seconds_per_image_monte_carlo_prediction": monte_carlo_seconds,
         "monte_carlo_n0": spec.n0,
         "speedup_one_pass_vs_monte_carlo": monte_carlo_seconds / one_pass if one_pass > 0 else math.inf,
-        "images_per_forward": spec.images_per_batch,
-    }
+        "images_per_forward": spec.images_per_batch}
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -241,13 +203,9 @@ def read_results(output_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any], 
     return read_table(final), meta, lbound
 
 
-def rows_on_disk(exp_dir: Path) -> str:
-    """What an unfinished certify stage has on disk: the rows of its partial files."""
-    rows = count_rows(layout.partial_files(layout.results_dir(exp_dir), layout.CERTIFY_TABLE))
-    return f"{rows} row(s) on disk" if rows else ""
-
-
 STAGES.register("certify", Stage(
     "certify", notebook="certify", requires=("data", "model", "noise", "certify"), reads=("train",),
-    checkpoint=CheckpointField("certify", "checkpoint"), writes=("results/certify.csv", "results/certify.json", "results/lbound_certify.csv"),
-    progress=rows_on_disk, compute=certify_experiment, description="Monte-Carlo certification of the test subset (sharded, resumable)"))
+    checkpoint=CheckpointField("certify", "checkpoint"),
+    writes=("results/certify.csv", "results/certify.json", "results/lbound_certify.csv"),
+    progress=resumable.rows_on_disk(layout.CERTIFY_TABLE), compute=certify_experiment,
+    description="Monte-Carlo certification of the test subset (sharded, resumable)"))

@@ -58,8 +58,7 @@ class TrainingSetup:
 
     @property
     def num_phases(self) -> int:
-        train = self.experiment.train
-        return train.heat_steps if train.mode == "heat" else 1
+        return self.experiment.train.heat_steps if self.experiment.train.mode == "heat" else 1
 
 
 def train_digest(experiment: Experiment, output_dir: Path) -> str:
@@ -86,12 +85,11 @@ def heat_config(experiment: Experiment) -> heat.HeatConfig:
 def _save(setup: TrainingSetup, path: Path, model, optimizer=None, scheduler=None, **extra: Any) -> None:
     if not setup.ctx.is_main:
         return
-    data = setup.experiment.data
-    num_classes = DATASETS[setup.experiment.data.dataset].num_classes
+    dataset = setup.experiment.data.dataset
     raw = model.module if isinstance(model, DistributedDataParallel) else model
-    checkpoints.save_checkpoint(path, raw, arch=setup.experiment.model.arch, dataset=data.dataset,
-                           num_classes=num_classes, optimizer=optimizer, scheduler=scheduler,
-                           epoch=extra.get("epoch"), extra={"digest": setup.digest, **extra})
+    checkpoints.save_checkpoint(path, raw, arch=setup.experiment.model.arch, dataset=dataset,
+                                num_classes=DATASETS[dataset].num_classes, optimizer=optimizer, scheduler=scheduler,
+                                epoch=extra.get("epoch"), extra={"digest": setup.digest, **extra})
 
 
 def _resume_state(setup: TrainingSetup) -> dict[str, Any] | None:
@@ -108,10 +106,8 @@ def _resume_state(setup: TrainingSetup) -> dict[str, Any] | None:
 def _teacher(setup: TrainingSetup, phase: int) -> nn.Module | None:
     if setup.experiment.train.mode != "heat":
         return None
-    if phase == 0:
-        path = layout.resolve_checkpoint(setup.experiment.train.heat_base, setup.output_dir)
-    else:
-        path = layout.heat_step_checkpoint(setup.output_dir, phase)
+    path = (layout.resolve_checkpoint(setup.experiment.train.heat_base, setup.output_dir) if phase == 0
+            else layout.heat_step_checkpoint(setup.output_dir, phase))
     return checkpoints.load(path, device=setup.ctx.device).requires_grad_(False)
 
 
@@ -126,11 +122,6 @@ def _new_model(setup: TrainingSetup, phase: int, teacher: nn.Module | None) -> n
     if setup.experiment.train.channels_last:  # NHWC convolutions: faster for small conv nets on CPU
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-def _write_metrics(setup: TrainingSetup, rows: list[dict[str, Any]]) -> None:
-    if setup.ctx.is_main:
-        write_csv(layout.results_dir(setup.output_dir) / layout.TRAIN_METRICS, pd.DataFrame(rows))
 
 
 def _loaders(setup: TrainingSetup):
@@ -156,7 +147,7 @@ def fit(experiment: Experiment, output_dir: str | Path | None = None, *, progres
     ctx = distributed.setup(experiment.device)
     setup = TrainingSetup(experiment, output_dir, ctx, inputs.experiment_noise(experiment), log, progress,
                       train_digest(experiment, output_dir))
-    final = setup.checkpoints / layout.FINAL_CHECKPOINT
+    final, last = setup.checkpoints / layout.FINAL_CHECKPOINT, setup.checkpoints / layout.LAST_CHECKPOINT
     state = _resume_state(setup)
     rows: list[dict[str, Any]] = list(state["extra"]["metrics"]) if state else []
     start_phase, start_epoch = (state["extra"]["phase"], state["epoch"] + 1) if state else (0, 0)
@@ -164,7 +155,6 @@ def fit(experiment: Experiment, output_dir: str | Path | None = None, *, progres
         log(f"training already finished: {final}")
         return final
     train_loader, test_loader = _loaders(setup)
-    sampler = train_loader.sampler
     epochs = experiment.train.epochs
     started = time.perf_counter()
     model = None
@@ -184,8 +174,7 @@ def fit(experiment: Experiment, output_dir: str | Path | None = None, *, progres
         label = f"heat step {phase + 1}/{setup.num_phases}" if teacher is not None else experiment.train.mode
         for epoch in range(first_epoch, epochs):
             torch.manual_seed(experiment.seed * 1_000_003 + phase * 10_007 + epoch)
-            if isinstance(sampler, DistributedSampler):
-                sampler.set_epoch(epoch + phase * epochs)
+            train_loader.sampler.set_epoch(epoch + phase * epochs)
             tic = time.perf_counter()
             stats = train_epoch(model, objective, optimizer, train_loader, epoch, ctx=ctx,
                                 label=f"{label} epoch {epoch + 1}/{epochs}", max_batches=experiment.train.max_batches,
@@ -204,9 +193,9 @@ def fit(experiment: Experiment, output_dir: str | Path | None = None, *, progres
                 log(f"{label} epoch {epoch + 1}/{epochs}: " + ", ".join(
                     f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
             rows.append(row)
-            _save(setup, setup.checkpoints / layout.LAST_CHECKPOINT, model, optimizer, scheduler, epoch=epoch, phase=phase,
-                  metrics=rows, finished=False)
-            _write_metrics(setup, rows)
+            _save(setup, last, model, optimizer, scheduler, epoch=epoch, phase=phase, metrics=rows, finished=False)
+            if ctx.is_main:
+                write_csv(layout.results_dir(output_dir) / layout.TRAIN_METRICS, pd.DataFrame(rows))
             ctx.barrier()
         if teacher is not None:
             _save(setup, layout.heat_step_checkpoint(setup.output_dir, phase + 1), model, phase=phase)
@@ -222,11 +211,11 @@ def fit(experiment: Experiment, output_dir: str | Path | None = None, *, progres
         ctx.barrier()
         state = None
     if model is None:
-        raise RuntimeError(f"nothing to train: {setup.checkpoints / layout.LAST_CHECKPOINT} says all epochs are done but {final} is missing")
+        raise RuntimeError(f"nothing to train: {last} says all epochs are done but {final} is missing")
     _save(setup, final, model, phase=setup.num_phases - 1, params=experiment.to_dict(), metrics=rows,
           provenance=provenance(), train_seconds=time.perf_counter() - started, finished=True)
-    _save(setup, setup.checkpoints / layout.LAST_CHECKPOINT, model, optimizer, scheduler, epoch=epochs - 1, phase=setup.num_phases - 1,
-          metrics=rows, finished=True)
+    _save(setup, last, model, optimizer, scheduler, epoch=epochs - 1, phase=setup.num_phases - 1, metrics=rows,
+          finished=True)
     ctx.barrier()
     return final
 

@@ -91,11 +91,18 @@ def _list(raw: Mapping[str, Any], key: str, label: str) -> list[Any]:
     return value
 
 
-def _study_name(raw: Mapping[str, Any], label: str) -> str:
-    name = raw.get("study")
-    if not isinstance(name, str) or not re.fullmatch(_NAME, name):
-        raise ParamsError(f"{label}: study must be a name of letters, digits, '_', '.' and '-', got {name!r}")
-    return name
+def _name(value: Any, what: str) -> str:
+    """``value`` when it is a valid study or group name (an output file name part); ParamsError otherwise."""
+    if not isinstance(value, str) or not re.fullmatch(_NAME, value):
+        raise ParamsError(f"{what} must be a name of letters, digits, '_', '.' and '-', got {value!r}")
+    return value
+
+
+def _no_unknown_keys(raw: Mapping[str, Any], valid: Sequence[str], where: str, prefix: str = "", of: str = "") -> None:
+    """ParamsError naming the first unknown key of ``raw`` (sorted) and the valid ones."""
+    unknown = sorted(set(raw) - set(valid), key=str)
+    if unknown:
+        raise ParamsError(f"{where}: unknown key '{prefix}{unknown[0]}' (valid keys{of}: {', '.join(valid)})")
 
 
 def _entries(raw: Mapping[str, Any], label: str) -> Iterator[tuple[str, str, dict[str, Any], str]]:
@@ -114,9 +121,7 @@ def _entries(raw: Mapping[str, Any], label: str) -> Iterator[tuple[str, str, dic
     for i, sweep in enumerate(_list(raw, "sweeps", label)):
         where = f"{label}: sweeps[{i}]"
         sweep = _mapping(sweep, where)
-        unknown = sorted(set(sweep) - set(_SWEEP_KEYS), key=str)
-        if unknown:
-            raise ParamsError(f"{where}: unknown key '{unknown[0]}' (valid keys: {', '.join(_SWEEP_KEYS)})")
+        _no_unknown_keys(sweep, _SWEEP_KEYS, where)
         over = _mapping(sweep.get("over"), f"{where}.over")
         if not over or not all(isinstance(k, str) and isinstance(v, list) and v for k, v in over.items()):
             raise ParamsError(f"{where}.over must map dotted keys to non-empty lists, e.g. "
@@ -137,8 +142,7 @@ def _override_experiment(raw: dict[str, Any], overrides: Mapping[str, Any], wher
     """Apply the overrides that concern this experiment; return the new mapping and the keys used.
 
     ``section.key`` applies when the experiment has that section or one of its stages needs it;
-    header keys (``seed``, ``device``, ...) apply to every experiment.
-    """
+    header keys (``seed``, ``device``, ...) apply to every experiment."""
     stages = raw.get("stages")
     needed = {s for stage in (stages if isinstance(stages, list) else []) if isinstance(stage, str)
               and stage in STAGES for s in STAGES[stage].requires}
@@ -163,10 +167,8 @@ def _dependencies(exp: params.Experiment, names: Sequence[str], where: str) -> t
                 raise ParamsError(f"{where}: {section}.{key} names the experiment itself")
             deps.append(reference)
         elif not layout.is_checkpoint_path(reference):
-            raise ParamsError(
-                f"{where}: {section}.{key} {reference!r} is neither a .pt checkpoint nor an experiment of "
-                f"this study ({', '.join(names)})"
-            )
+            raise ParamsError(f"{where}: {section}.{key} {reference!r} is neither a .pt checkpoint nor an experiment "
+                              f"of this study ({', '.join(names)})")
     return tuple(dict.fromkeys(deps))
 
 
@@ -189,9 +191,7 @@ def _groups(raw: Any, names: Sequence[str], label: str) -> list[ReportGroup]:
     if raw is None:
         return [ReportGroup("all", "All experiments", tuple(names), copy.deepcopy(DEFAULT_RADII))]
     raw = _mapping(raw, f"{label}: report")
-    unknown = sorted(set(raw) - {"groups", "reference"}, key=str)
-    if unknown:
-        raise ParamsError(f"{label}: unknown key 'report.{unknown[0]}' (valid keys: groups, reference)")
+    _no_unknown_keys(raw, ("groups", "reference"), label, prefix="report.")
     items = raw.get("groups")
     if not isinstance(items, list) or not items:
         raise ParamsError(f"{label}: report.groups must be a non-empty list of groups")
@@ -199,12 +199,8 @@ def _groups(raw: Any, names: Sequence[str], label: str) -> list[ReportGroup]:
     for i, item in enumerate(items):
         where = f"{label}: report.groups[{i}]"
         item = _mapping(item, where)
-        unknown = sorted(set(item) - set(_GROUP_KEYS), key=str)
-        if unknown:
-            raise ParamsError(f"{where}: unknown key '{unknown[0]}' (valid keys: {', '.join(_GROUP_KEYS)})")
-        name = item.get("name")
-        if not isinstance(name, str) or not re.fullmatch(_NAME, name):
-            raise ParamsError(f"{where}.name must be a name of letters, digits, '_', '.' and '-', got {name!r}")
+        _no_unknown_keys(item, _GROUP_KEYS, where)
+        name = _name(item.get("name"), f"{where}.name")
         patterns = item.get("experiments", ["*"])
         if not isinstance(patterns, list) or not patterns:
             raise ParamsError(f"{where}.experiments must be a non-empty list of names or glob patterns")
@@ -297,15 +293,12 @@ def load(path: str | os.PathLike[str], **overrides: Any) -> Study:
     """Read, expand (sweeps), override and validate a study file.
 
     ``overrides`` (dotted keys) apply to every experiment that has, or whose stages need, the
-    section; an override that concerns no experiment is an error.
-    """
+    section; an override that concerns no experiment is an error."""
     path = Path(path)
     label = str(path)
     raw = read_yaml_mapping(path)
-    unknown = sorted(set(raw) - set(_TOP_KEYS), key=str)
-    if unknown:
-        raise ParamsError(f"{label}: unknown key '{unknown[0]}' (valid keys of a study: {', '.join(_TOP_KEYS)})")
-    name = _study_name(raw, label)
+    _no_unknown_keys(raw, _TOP_KEYS, label, of=" of a study")
+    name = _name(raw.get("study"), f"{label}: study")
     entries = list(_entries(raw, label))
     _check_overrides_keep_sweeps(raw, overrides, label)
     used: set[str] = set()
@@ -355,8 +348,7 @@ def load_written(folder: str | os.PathLike[str]) -> Study:
     report groups and plots through the same checks, dependencies, order and salts derived again;
     ``report.reference`` stays a path (a CSV gone since is noted where the tables are drawn).
     FileNotFoundError when the file is missing; ParamsError naming the file and the fix when it is
-    corrupt or malformed.
-    """
+    corrupt or malformed."""
     path = Path(folder)
     path = (path if path.name == layout.STUDY_FILE and not path.is_dir() else path / layout.STUDY_FILE).resolve()
     if not path.is_file():
@@ -369,7 +361,7 @@ def load_written(folder: str | os.PathLike[str]) -> Study:
     label = str(path)
     try:
         raw = _mapping(raw, f"{label}: the top level")
-        name = _study_name(raw, label)
+        name = _name(raw.get("study"), f"{label}: study")
         validated = []
         for i, entry in enumerate(_list(raw, "experiments", label)):
             where = f"{label}: experiments[{i}]"

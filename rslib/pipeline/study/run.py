@@ -46,11 +46,8 @@ def study_dir(study: Study, output_root: str | os.PathLike[str] = "outputs") -> 
 
 def all_finished(study: Study, out: Path, notebooks_dir: str | os.PathLike[str] | None = None) -> bool:
     """Whether every stage of every experiment of the study has finished with its current parameters."""
-    return all(
-        p.action == "skip"
-        for e in study.experiments
-        for p in runner.plan(e.experiment, None, False, out, notebooks_dir, study.salts[e.name])
-    )
+    return all(p.action == "skip" for e in study.experiments
+               for p in runner.plan(e.experiment, None, False, out, notebooks_dir, study.salts[e.name]))
 
 
 def _plots_digest(study: Study, out: Path) -> str:
@@ -119,18 +116,10 @@ def _write_study_files(study: Study, out: Path) -> Path:
     return params_file
 
 
-def run_study(
-    study: Study,
-    only: Sequence[str] | None = None,
-    force: bool = False,
-    output_root: str | os.PathLike[str] = "outputs",
-    notebooks_dir: str | os.PathLike[str] | None = None,
-    shard: tuple[int, int] = (1, 1),
-    log: Callable[[str], None] = print,
-    progress: bool = False,
-    lock: runner.LockPolicy = runner.REFUSE,
-    jobs: int = 1,
-) -> StudyReport:
+def run_study(study: Study, only: Sequence[str] | None = None, force: bool = False,
+              output_root: str | os.PathLike[str] = "outputs", notebooks_dir: str | os.PathLike[str] | None = None,
+              shard: tuple[int, int] = (1, 1), log: Callable[[str], None] = print, progress: bool = False,
+              lock: runner.LockPolicy = runner.REFUSE, jobs: int = 1) -> StudyReport:
     """Run the study's experiments (those of ``shard``) in dependency order, then its plots.
 
     A failed experiment does not stop the others; experiments that need its model, when its training
@@ -143,8 +132,7 @@ def run_study(
     ``jobs > 1`` runs that many experiments at once, each as soon as its dependencies have run (see
     :func:`schedule_lanes`), each stage notebook with ``torch`` limited to ``cpu_count // jobs`` threads
     (``OMP_NUM_THREADS``, unless set): on a CPU, kernel start-up and imports of one experiment overlap the
-    computation of the other without the two oversubscribing the cores.
-    """
+    computation of the other without the two oversubscribing the cores."""
     check_only(study, only)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an integer >= 1; got {jobs!r}")
@@ -170,9 +158,7 @@ def run_study(
     else:
         with threads_per_job(workers):
             schedule_lanes(selected, workers, run)
-    if only is not None and "plots" not in only and not set(only) & set(study.plots):
-        return report
-    if not study.plots:
+    if not study.plots or (only is not None and "plots" not in only and not set(only) & set(study.plots)):
         return report
     try:
         with lock.lock(out, log):

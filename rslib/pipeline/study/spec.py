@@ -86,17 +86,9 @@ class Study:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-able resolved study (every experiment with all its parameters)."""
-        return {
-            "study": self.name,
-            "description": self.description,
-            "experiments": [
-                {"name": e.name, "label": e.label, "dir": e.name, "stages": list(e.experiment.stages),
-                 "depends_on": list(e.depends_on), "params": e.experiment.to_dict()}
-                for e in self.experiments
-            ],
-            "report": {"groups": [
-                {"name": g.name, "title": g.title, "experiments": list(g.experiments), "radii": g.radii}
-                for g in self.groups
-            ], "reference": self.reference},
-            "plots": list(self.plots),
-        }
+        experiments = [{"name": e.name, "label": e.label, "dir": e.name, "stages": list(e.experiment.stages),
+                        "depends_on": list(e.depends_on), "params": e.experiment.to_dict()} for e in self.experiments]
+        groups = [{"name": g.name, "title": g.title, "experiments": list(g.experiments), "radii": g.radii}
+                  for g in self.groups]
+        return {"study": self.name, "description": self.description, "experiments": experiments,
+                "report": {"groups": groups, "reference": self.reference}, "plots": list(self.plots)}
