@@ -1,10 +1,10 @@
-# rslib: `make demo` runs the main job, `make test` runs the test suite; both set up .venv first if needed.
+# rslib: `make demo` runs the main job, `make test` the test suite, `make lab` JupyterLab; each sets up .venv first if needed.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.rslib-installed
 
-.PHONY: setup demo test bench tutorial sync lint clean
+.PHONY: setup demo test bench tutorial sync lint lab clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/rslib run params/demo.yaml --jobs 2
+
+lab: $(STAMP)
+	$(VENV)/bin/rslib lab
 
 tutorial: $(STAMP)
 	$(VENV)/bin/rslib run params/tutorial.yaml

@@ -31,8 +31,8 @@
 # tables to `<study>/results/`.
 
 # %% tags=["parameters"]
-params_file = None
-output_dir = "."
+params_file = ""  # unused: the study (or experiment) folder holds its parameters
+output_dir = ""  # a study or experiment folder; empty: ../outputs/demo after `make demo`, else ../outputs/demo_experiment
 
 # %%
 from IPython.display import Markdown, display

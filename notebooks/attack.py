@@ -41,8 +41,8 @@
 # parameters and checkpoint are unchanged; an interrupted one resumes from its appended rows.
 
 # %% tags=["parameters"]
-params_file = "../params/demo/attack.yaml"
-output_dir = "../outputs/demo_attack"
+params_file = "../params/demo/experiment.yaml"  # the stage notebooks chain through this experiment
+output_dir = "../outputs/demo_experiment"  # ... and this folder (rslib run sets both)
 
 # %%
 from pathlib import Path

@@ -36,8 +36,8 @@
 # `figures/certified_accuracy.{png,pdf}`, and for deterministic models `results/lbound_certify.csv`.
 
 # %% tags=["parameters"]
-params_file = "../params/demo/certify.yaml"
-output_dir = "../outputs/demo_certify"
+params_file = "../params/demo/experiment.yaml"  # the stage notebooks chain through this experiment
+output_dir = "../outputs/demo_experiment"  # ... and this folder (rslib run sets both)
 
 # %%
 from pathlib import Path

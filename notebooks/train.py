@@ -31,8 +31,8 @@
 # stopped; the final model is `checkpoints/model.pt`, metrics are in `results/train_metrics.csv`.
 
 # %% tags=["parameters"]
-params_file = "../params/demo/train.yaml"
-output_dir = "../outputs/demo_train"
+params_file = "../params/demo/experiment.yaml"  # the stage notebooks chain through this experiment
+output_dir = "../outputs/demo_experiment"  # ... and this folder (rslib run sets both)
 
 # %%
 from pathlib import Path

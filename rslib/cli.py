@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from rslib.lab import run_lab
 from rslib.nn import checkpoints
 from rslib.nn.checkpoint_import import INPUT_LAYERS, SOURCES, import_checkpoint
 from rslib.nn.data import DATASETS
@@ -47,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
                          help="stage notebooks folder (default: the checkout's notebooks/)")
         return sub
 
+    lab = command("lab", "start JupyterLab at the repository root (JUPYTER_PORT, JUPYTER_TOKEN), print its URL",
+                  "Start JupyterLab rooted at the repository (notebooks, params and outputs browsable), on "
+                  "$JUPYTER_PORT (default 8888) with $JUPYTER_TOKEN (default: a fresh one), and print the URL.")
+    lab.add_argument("--ip", default="127.0.0.1", help="interface to listen on (0.0.0.0 inside a container "
+                     "whose port is published; default 127.0.0.1)")
     resolve = command("resolve", "print one experiment's resolved parameters (for torchrun -m rslib stage ...)",
                       "Print the resolved parameters of an experiment file, or of one experiment of a study, as "
                       "YAML with absolute paths: the file `torchrun ... -m rslib stage train|certify|attack` takes.")
@@ -275,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _import_checkpoint(args)
     if args.command == "heat-drift":
         return _heat_drift(args)
+    if args.command == "lab":
+        return run_lab(args.ip)
     try:
         with sigterm_as_interrupt():
             return _command(args)

@@ -2,7 +2,7 @@
 validation.
 
 Models (digits, small_cnn, sigma 0.25, tiny settings): a standard model attacked as a plain
-classifier, a Gaussian-augmented model attacked as a smoothed classifier (params/demo/attack.yaml,
+classifier, a Gaussian-augmented model attacked as a smoothed classifier (params/demo/experiment.yaml,
 trained by its own train stage), and a heat-averaged model of the standard one attacked as a
 (deterministic) plain classifier. Then, with direct calls: an interrupted attack resumes from its
 partial rows, finished attacks are reused, two gloo ranks give the rows of one process.
@@ -29,7 +29,7 @@ from rslib.pipeline.runner import run_file as run
 from rslib.pipeline.stages import attack as attack_stage
 from rslib.pipeline.stages import train
 
-PARAMS = Path(__file__).resolve().parents[1] / "params" / "demo" / "attack.yaml"
+PARAMS = Path(__file__).resolve().parents[1] / "params" / "demo" / "experiment.yaml"
 SKIP = 45                     # digits test split: 450 images -> 10 selected
 TINY = {"device": "cpu", "train.epochs": 5, "attack.skip": SKIP, "attack.images_per_batch": 4,
         "attack.ddn_steps": 40, "attack.pgd_steps": 8, "attack.search_steps": 5, "attack.draws": 4,
@@ -69,6 +69,7 @@ def _fit(output_root: Path, name: str, **overrides) -> Path:
 
 def _run(output_root: Path, name: str, **kwargs) -> Path:
     overrides = {"experiment": name, **TINY, **kwargs.pop("overrides", {})}
+    kwargs.setdefault("only", ["train", "attack"])
     report = run(PARAMS, overrides=overrides, output_root=output_root, log=quiet, **kwargs)
     assert report.ok, [(s.name, s.status, s.error) for s in report.stages]
     return output_root / name

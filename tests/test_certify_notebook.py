@@ -1,4 +1,4 @@
-"""The certify notebook through the papermill runner: demo_certify with tiny settings, then a
+"""The certify notebook through the papermill runner: the demo experiment with tiny settings, then a
 deterministic (L-bound) certification of the same model from a sibling experiment."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from rslib.core.metrics import LBOUND_METHOD, MONTE_CARLO
 from rslib.pipeline.runner import run_file as run
 from rslib.pipeline.stages.certify import ROW_COLUMNS
 
-PARAMS = Path(__file__).resolve().parents[1] / "params" / "demo" / "certify.yaml"
+PARAMS = Path(__file__).resolve().parents[1] / "params" / "demo" / "experiment.yaml"
 TINY = {"train.epochs": 1, "train.max_batches": 4, "certify.n": 200, "certify.skip": 15,
         "certify.images_per_batch": 16}
 
@@ -25,6 +25,7 @@ def output_root(tmp_path_factory):
 
 def _run(output_root: Path, name: str, **kwargs) -> Path:
     overrides = {"experiment": name, **TINY, **kwargs.pop("overrides", {})}
+    kwargs.setdefault("only", ["train", "certify"])
     report = run(PARAMS, overrides=overrides, output_root=output_root, log=lambda *_: None, **kwargs)
     assert report.ok, [(s.name, s.status, s.error) for s in report.stages]
     return output_root / name
@@ -45,6 +46,13 @@ def test_demo_certify_trains_then_certifies(output_root):
     for suffix in ("png", "pdf"):
         assert (folder / "figures" / f"certified_accuracy.{suffix}").stat().st_size > 0
     assert (folder / "notebooks" / "certify.ipynb").exists()
+    # batch progress goes to the stage's log, not into the executed notebook
+    log = (folder / "notebooks" / "certify.log").read_text()
+    assert "certify: 100%" in log and "30/30" in log
+    executed = json.loads((folder / "notebooks" / "certify.ipynb").read_text())
+    assert not [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("name") == "stderr"]
+    assert not [o for c in executed["cells"] for o in c.get("outputs", [])
+                if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     zero = _curves_at_zero(folder, MONTE_CARLO)
     assert sorted(zero["norm"]) == ["l1", "l2", "linf"]
     # abstains are in the denominator: the value at radius 0 is the fraction of correct rows

@@ -5,6 +5,8 @@ The pins were taken before rslib was split into layers (util / core / nn / pipel
 deliberate change since: ``attack.batch_size`` is declared speed-only, so the digests of attacks on
 SMOOTHED targets count it as a fixed value instead of its setting ('auto'); those attack tables are
 recomputed once when their stage runs again (README, "Changelog"). Every stage digest is unchanged.
+``params/demo/experiment.yaml`` replaced the per-stage demo files (train, certify, attack) with the
+same stage digests.
 """
 
 from __future__ import annotations

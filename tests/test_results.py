@@ -183,12 +183,12 @@ def test_load_study(study, study_dir):
 
 
 def test_missing_or_corrupt_study_json_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"no study\.json in .*rslib run <study yaml>"):
+    with pytest.raises(FileNotFoundError, match=r"no study\.json in .*run the study first .*make demo"):
         load_written(tmp_path)
     (tmp_path / "study.json").write_text('{"study": "x", "experiments": [')
-    with pytest.raises(ParamsError, match=r"study\.json is corrupt .*rslib run <study yaml>"):
+    with pytest.raises(ParamsError, match=r"study\.json is corrupt .*run the study first"):
         load_written(tmp_path)
-    fix = r".*the file is damaged .*rslib run <study yaml>"
+    fix = r".*the file is damaged .*run the study first"
     (tmp_path / "study.json").write_text('{"study": "x", "experiments": {"a": 1}}')
     with pytest.raises(ParamsError, match=r"study\.json: experiments must be a list" + fix):
         load_written(tmp_path / "study.json")

@@ -9,7 +9,7 @@ import pytest
 
 from rslib.pipeline.runner import run_file as run
 
-PARAMS = Path(__file__).resolve().parents[1] / "params" / "demo" / "train.yaml"
+PARAMS = Path(__file__).resolve().parents[1] / "params" / "demo" / "experiment.yaml"
 TINY = {"train.epochs": 1, "train.max_batches": 2, "train.noise_draws": 2}
 
 
@@ -19,8 +19,8 @@ def output_root(tmp_path_factory):
 
 
 def _run(output_root: Path, name: str, **overrides) -> Path:
-    report = run(PARAMS, overrides={"experiment": name, **TINY, **overrides}, output_root=output_root,
-                 log=lambda *_: None)
+    report = run(PARAMS, only=["train"], overrides={"experiment": name, **TINY, **overrides},
+                 output_root=output_root, log=lambda *_: None)
     assert report.ok, [(s.name, s.status, s.error) for s in report.stages]
     return output_root / name
 

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from rslib.core.noises import Noise
 from rslib.nn import distributed
+from rslib.util.progress import progress_bar
 
 
 class TrainingDiverged(RuntimeError):
@@ -55,7 +55,7 @@ def train_epoch(model: nn.Module, objective: Callable, optimizer: torch.optim.Op
     """
     model.train()
     total_loss, correct, seen, batches = 0.0, 0, 0, 0
-    bar = tqdm(loader, desc=label, leave=False, disable=not (progress and ctx.is_main),
+    bar = progress_bar(loader, desc=label, leave=False, disable=not (progress and ctx.is_main),
                total=min(len(loader), max_batches) if max_batches else len(loader))
     for x, y in bar:
         if max_batches and batches >= max_batches:

@@ -37,8 +37,9 @@ def stage_checkpoint(exp: Experiment, section: str, output_dir: Path) -> tuple[P
     FileNotFoundError saying how to make it, ValueError when it was trained on another dataset."""
     checkpoint = layout.resolve_checkpoint(getattr(exp, section).checkpoint, output_dir)
     if not checkpoint.exists():
-        raise FileNotFoundError(f"no checkpoint to {section} at {checkpoint}: train the model first (the train "
-                                f"notebook, or `rslib run {exp.source or '<params file>'} --only train`), or set "
+        batch = f", or `rslib run {exp.source} --only train`" if exp.source is not None else ""
+        raise FileNotFoundError(f"no checkpoint to {section} at {checkpoint}: train the model first (open and run "
+                                f"notebooks/train.ipynb with the same params_file and output_dir{batch}), or set "
                                 f"{section}.checkpoint to a .pt file or to the name of a sibling experiment")
     info = checkpoint_summary(checkpoint, file_sha256(checkpoint))
     if info["dataset"] != exp.data.dataset:

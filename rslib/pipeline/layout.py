@@ -79,10 +79,11 @@ def marker_path(exp_dir: Path, stage: str) -> Path:
 
 
 def notebook_paths(exp_dir: Path, stage: str) -> dict[str, Path]:
-    """The executed notebook of a stage: ``final``, ``failed`` and the in-progress ``partial`` file."""
+    """The executed notebook of a stage: ``final``, ``failed``, the in-progress ``partial`` file and the
+    ``log`` its progress bars write to in a batch run."""
     folder = exp_dir / NOTEBOOKS
     return {"final": folder / f"{stage}.ipynb", "failed": folder / f"{stage}.failed.ipynb",
-            "partial": folder / f".{stage}.partial.ipynb"}
+            "partial": folder / f".{stage}.partial.ipynb", "log": folder / f"{stage}.log"}
 
 
 def table_paths(results: Path, table: str) -> tuple[Path, Path]:

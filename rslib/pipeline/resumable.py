@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from rslib.nn import distributed
 from rslib.pipeline import layout
 from rslib.util.files import atomic_write_json, atomic_write_text, json_safe, read_json_dict
+from rslib.util.progress import progress_bar
 from rslib.util.tables import append_rows, count_rows, csv_text, read_rows
 
 Log = Callable[[str], None]
@@ -196,7 +196,7 @@ def compute_rows(table: ShardedTable, ctx: distributed.Context, selection: Seque
     own = table.repair(ctx.rank, say)
     say(describe(len(selection) - len(done)))
     total = sum(len(chunk) for chunk in mine)
-    bar = tqdm(total=total, initial=total - sum(len(chunk) for chunk in todo), unit="img", desc=table.table,
+    bar = progress_bar(total=total, initial=total - sum(len(chunk) for chunk in todo), unit="img", desc=table.table,
                disable=not (progress and ctx.is_main))
     for chunk in todo:
         rows, postfix = compute(chunk)

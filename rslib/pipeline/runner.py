@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +27,7 @@ from rslib.pipeline.locks import FolderLock
 from rslib.pipeline.stage import STAGES
 from rslib.util.digest import digest
 from rslib.util.files import atomic_write_json, atomic_write_text, read_json_dict
+from rslib.util.progress import LOG_ENV
 from rslib.util.provenance import provenance
 
 
@@ -197,6 +198,18 @@ def _jupyter_path(extra: Path | None) -> Iterator[None]:
             os.environ["JUPYTER_PATH"] = old
 
 
+def kernel_with_env(extra: Mapping[str, str]) -> type:
+    """A kernel manager class whose kernels start with ``extra`` on top of this process's environment (one
+    class per call, so experiments run side by side in threads never see each other's values)."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class StageKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw: Any) -> None:
+            await super().start_kernel(**{**kw, "env": {**os.environ, **kw.get("env", {}), **extra}})
+
+    return StageKernelManager
+
+
 def _execute(stage: PlannedStage, out_dir: Path, params_file: Path, kernel: str, progress: bool) -> StageResult:
     """Run one stage notebook; write the executed notebook and, on success, the marker."""
     import papermill
@@ -205,6 +218,7 @@ def _execute(stage: PlannedStage, out_dir: Path, params_file: Path, kernel: str,
     paths = layout.notebook_paths(out_dir, stage.name)
     final, failed, partial = paths["final"], paths["failed"], paths["partial"]
     layout.marker_path(out_dir, stage.name).unlink(missing_ok=True)
+    paths["log"].unlink(missing_ok=True)
     ok, error = False, None
     start = time.perf_counter()
     try:
@@ -212,7 +226,8 @@ def _execute(stage: PlannedStage, out_dir: Path, params_file: Path, kernel: str,
             str(stage.notebook), str(partial), parameters={"params_file": str(params_file), "output_dir": str(out_dir)},
             kernel_name=kernel, language="python", cwd=str(out_dir), log_output=False,
             progress_bar=progress and {"desc": stage.name, "unit": "cell", "leave": False},
-            extra_arguments=["--IPKernelApp.log_level=ERROR"])  # not the per-kernel "TCP without encryption" notice
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],  # not the per-kernel "TCP without encryption" notice
+            kernel_manager_class=kernel_with_env({LOG_ENV: str(paths["log"])}))
         ok = True
     except PapermillExecutionError as err:
         error = f"{err.ename}: {err.evalue}"

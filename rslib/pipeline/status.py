@@ -43,6 +43,15 @@ def failure_message(notebook: Path) -> str:
     return f"see {notebook}"
 
 
+def last_line(path: Path) -> str:
+    """The last line of a stage's progress log (its bar as of the last update), or ''."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    return lines[-1].strip() if lines else ""
+
+
 def experiment_status(name: str, exp_dir: Path, stages: Sequence[str],
                       planned: Sequence[runner.PlannedStage] | None = None) -> list[StageStatus]:
     """The state of every stage of one experiment folder. ``planned`` (from ``runner.plan``) tells whether a
@@ -59,6 +68,7 @@ def experiment_status(name: str, exp_dir: Path, stages: Sequence[str],
         progress = STAGES[stage].progress(exp_dir) if first_open else ""  # only the first open stage has rows
         if holder is not None and holder.alive and first_open:
             state, detail = "running", f"by {holder.describe()}"
+            progress = "; ".join(p for p in (progress, last_line(layout.notebook_paths(exp_dir, stage)["log"])) if p)
         elif failed.exists():
             state, detail = "failed", failure_message(failed)
         elif marker is not None:

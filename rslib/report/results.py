@@ -41,7 +41,13 @@ from rslib.core.noises import NORM_LABELS
 from rslib.pipeline import layout
 from rslib.pipeline.stages import attack as attack_stage
 from rslib.pipeline.stages import certify as certify_stage
-from rslib.pipeline.study import ReportGroup, Study, StudyExperiment, load_written
+from rslib.pipeline.study import (
+    ReportGroup,
+    Study,
+    StudyExperiment,
+    load_experiment_folder,
+    load_written,
+)
 from rslib.report import plots
 from rslib.util.tables import write_csv
 
@@ -490,12 +496,12 @@ def load_attack_group(study: Study, group: ReportGroup, log: Log = print) -> Att
 
 def table_path(study: Study, name: str, group: ReportGroup) -> Path:
     """``<study_dir>/results/<name>_<group>.csv``."""
-    return layout.results_dir(study.dir) / f"{name}_{group.name}.csv"
+    return layout.results_dir(study.report_dir) / f"{name}_{group.name}.csv"
 
 
 def figure_path(study: Study, name: str, group: ReportGroup) -> Path:
     """``<study_dir>/figures/<name>_<group>`` (``plots.save_figure`` adds .png and .pdf)."""
-    return study.dir / layout.FIGURES / f"{name}_{group.name}"
+    return study.report_dir / layout.FIGURES / f"{name}_{group.name}"
 
 
 def write_tables(study: Study, group: ReportGroup, tables: Mapping[str, pd.DataFrame | None]) -> list[Path]:
@@ -524,10 +530,33 @@ class Outputs:
         self.produced += write_tables(self.study, group, tables)
 
 
-def open_study(study_dir: str | Path, load_group: Callable[..., Any],
+#: What the plot notebooks show when ``output_dir`` is empty (paths relative to ``notebooks/``): the demo
+#: study once ``make demo`` has run, else the experiment the stage notebooks chain through.
+DEFAULT_FOLDERS = ("../outputs/demo", "../outputs/demo_experiment")
+
+
+def results_folder(output_dir: str | Path | None) -> Path:
+    """``output_dir``, or when it is empty the first of :data:`DEFAULT_FOLDERS` that holds results;
+    FileNotFoundError saying, in notebook terms, what to run to make some."""
+    if output_dir:
+        return Path(output_dir).resolve()
+    for candidate in map(Path, DEFAULT_FOLDERS):
+        if (candidate / layout.STUDY_FILE).is_file() or layout.table_paths(layout.results_dir(candidate),
+                                                                            layout.CERTIFY_TABLE)[1].is_file():
+            return candidate.resolve()
+    study, single = (Path(f).resolve() for f in DEFAULT_FOLDERS)
+    raise FileNotFoundError(f"nothing to show yet: no demo study in {study} and no finished experiment in {single}. "
+                            "Open and run notebooks/train.ipynb, then certify.ipynb and attack.ipynb (they write "
+                            f"{single}), or run `make demo` (it writes {study}); then run this notebook again")
+
+
+def open_study(output_dir: str | Path | None, load_group: Callable[..., Any],
                log: Log = print) -> tuple[Study, dict[str, Any], Outputs]:
-    """The study, ``load_group(study, group)`` for each group with results (others noted), and its Outputs."""
-    study = load_written(study_dir)
+    """The study in ``output_dir`` (a study folder, or one experiment's folder viewed as a study; empty: see
+    :func:`results_folder`), ``load_group(study, group)`` for each group with results (others noted), and
+    its Outputs."""
+    folder = results_folder(output_dir)
+    study = load_written(folder) if (folder / layout.STUDY_FILE).is_file() else load_experiment_folder(folder)
     log(f"study {study.name!r}: {study.description}")
     log(f"{len(study.experiments)} experiments, groups: {', '.join(g.name for g in study.groups)}")
     data = {g.name: loaded for g in study.groups if (loaded := load_group(study, g, log)) is not None}

@@ -27,7 +27,14 @@ resolved study as ``outputs/<study>/study.json``; ``load_written`` reads it back
 through ``rslib.report.results``) with the same validation as the study file.
 """
 
-from rslib.pipeline.study.load import REFERENCE_COLUMNS, deep_merge, is_study, load, load_written
+from rslib.pipeline.study.load import (
+    REFERENCE_COLUMNS,
+    deep_merge,
+    is_study,
+    load,
+    load_experiment_folder,
+    load_written,
+)
 from rslib.pipeline.study.run import (
     StudyReport,
     all_finished,
@@ -42,6 +49,6 @@ from rslib.pipeline.study.schedule import parse_shard, partition, schedule_lanes
 from rslib.pipeline.study.spec import DEFAULT_RADII, ReportGroup, Study, StudyExperiment
 
 __all__ = ["DEFAULT_RADII", "REFERENCE_COLUMNS", "ReportGroup", "Study", "StudyExperiment", "StudyReport",
-           "all_finished", "check_only", "deep_merge", "format_plan", "is_study", "load", "load_written",
+           "all_finished", "check_only", "deep_merge", "format_plan", "is_study", "load", "load_experiment_folder", "load_written",
            "parse_shard", "partition", "plan_plots", "produced_files", "run_study", "schedule_lanes", "shard_of",
            "study_dir"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import itertools
 import json
@@ -338,7 +339,7 @@ def _assemble(name: str, raw: Mapping[str, Any], validated: Sequence[tuple[str, 
                  _reference(report, source, ordered, label, check=folder is None), folder)
 
 
-_RUN_FIRST = "run `rslib run <study yaml>` first"
+_RUN_FIRST = "run the study first (`rslib run` on its YAML file, e.g. `make demo` for params/demo.yaml)"
 
 
 def load_written(folder: str | os.PathLike[str]) -> Study:
@@ -376,3 +377,25 @@ def load_written(folder: str | os.PathLike[str]) -> Study:
     except ParamsError as err:
         raise ParamsError(f"{err}; the file is damaged or was not written by this rslib: {_RUN_FIRST} (again) "
                           "to rewrite it") from None
+
+
+def load_experiment_folder(folder: str | os.PathLike[str]) -> Study:
+    """One finished experiment folder (``rslib run`` or the stage notebooks run by hand) viewed as a study of
+    one experiment, so the plot stages can show it: its parameters from ``params.yaml`` (written by
+    ``rslib run``), else from the metadata its certify or attack stage wrote; the plots go into the folder.
+    FileNotFoundError saying what to run when it holds neither."""
+    path = Path(folder).resolve()
+    sources = [path / layout.PARAMS_FILE, *(layout.table_paths(layout.results_dir(path), table)[1]
+                                            for table in (layout.CERTIFY_TABLE, "attack"))]
+    for source in sources:
+        raw = read_yaml_mapping(source) if source.suffix == ".yaml" and source.is_file() else None
+        if raw is None and source.is_file():
+            raw = (json.loads(source.read_text(encoding="utf-8")) or {}).get("params")
+        if isinstance(raw, dict):
+            exp = params.validate(raw, source=source, label=str(source))
+            study = _assemble(exp.experiment, {}, [(exp.experiment, exp.experiment, exp, str(source))], str(source),
+                              source, path.parent)
+            return dataclasses.replace(study, out_dir=path)
+    raise FileNotFoundError(
+        f"no finished experiment in {path}: run the stage notebooks first (notebooks/train.ipynb, then "
+        f"certify.ipynb and attack.ipynb, which write it), or `rslib run <its params file>`")

@@ -75,6 +75,12 @@ class Study:
     salts: dict[str, str] = field(default_factory=dict)
     reference: str | None = None  # absolute path of the published certified accuracies (report.reference)
     dir: Path | None = None  # the study folder, when read back from its study.json (load_written)
+    out_dir: Path | None = None  # where the plot stages write, when not ``dir`` (one experiment viewed as a study)
+
+    @property
+    def report_dir(self) -> Path | None:
+        """The folder the plot stages write ``results/`` and ``figures/`` into."""
+        return self.out_dir or self.dir
 
     def get(self, name: str) -> StudyExperiment:
         """The experiment called ``name`` (KeyError naming the known ones otherwise)."""
