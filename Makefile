@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_certify.py
 
 sync: $(STAMP)
-	$(VENV)/bin/jupytext --sync notebooks/*.py
+	$(VENV)/bin/jupytext --sync --update-metadata "$$($(PY) -m rslib.lab --notebook-metadata)" notebooks/*.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rslib tests benchmarks notebooks

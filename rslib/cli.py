@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                   "$JUPYTER_PORT (default 8888) with $JUPYTER_TOKEN (default: a fresh one), and print the URL.")
     lab.add_argument("--ip", default="127.0.0.1", help="interface to listen on (0.0.0.0 inside a container "
                      "whose port is published; default 127.0.0.1)")
+    lab.add_argument("--root", metavar="DIR", help="serve DIR instead of the repository (default: $RSLIB_LAB_ROOT, "
+                     "else the checkout)")
     resolve = command("resolve", "print one experiment's resolved parameters (for torchrun -m rslib stage ...)",
                       "Print the resolved parameters of an experiment file, or of one experiment of a study, as "
                       "YAML with absolute paths: the file `torchrun ... -m rslib stage train|certify|attack` takes.")
@@ -282,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "heat-drift":
         return _heat_drift(args)
     if args.command == "lab":
-        return run_lab(args.ip)
+        return run_lab(args.ip, args.root)
     try:
         with sigterm_as_interrupt():
             return _command(args)

@@ -110,6 +110,38 @@ def install_output_filter(root: Path = CHECKOUT, say: Callable[[str], None] = _s
     return True
 
 
+def refresh_git_index(model: Any = None, os_path: str = "", contents_manager: Any = None, **_: Any) -> bool:
+    """Jupyter post-save hook (``rslib lab`` sets it): after Lab saves a tracked ``.ipynb`` whose filtered content
+    (outputs stripped by the clean filter) is exactly the blob git's index holds, mark that index entry for a
+    content check, so ``git status`` stays quiet after Run All + save. Without it git reports the notebook
+    modified although ``git diff`` is empty: when a file's size differs from the size its index entry recorded,
+    git does not run the clean filter to compare. The entry keeps its blob (``--cacheinfo`` with the blob the
+    index already holds, checked twice): nothing is staged. Returns whether it refreshed; never raises."""
+    path = Path(os_path)
+    if path.suffix != ".ipynb" or shutil.which("git") is None:
+        return False
+    try:
+        top = Path(_git(path.parent, "rev-parse", "--show-toplevel"))
+        rel = path.resolve().relative_to(top.resolve()).as_posix()
+
+        def staged() -> tuple[str, str] | None:
+            entry = _git(top, "ls-files", "--stage", "--", rel)  # "<mode> <blob> <stage>\t<path>"
+            fields = entry.split()
+            return (fields[0], fields[1]) if entry and fields[2] == "0" else None
+
+        if subprocess.run(["git", "-C", str(top), "diff-files", "--quiet", "--", rel], timeout=30).returncode == 0:
+            return False  # git already sees it unchanged
+        before = staged()
+        if before is None or _git(top, "hash-object", "--path", rel, "--", rel) != before[1]:
+            return False  # untracked, conflicted or really changed: git status should say so
+        if staged() != before:
+            return False  # the index changed meanwhile (a `git add`): leave it alone
+        _git(top, "update-index", "--cacheinfo", f"{before[0]},{before[1]},{rel}")
+        return True
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return False
+
+
 def settings_overrides_path() -> Path:
     """JupyterLab's ``overrides.json`` for this environment (``<app dir>/settings``)."""
     app_dir = os.environ.get("JUPYTERLAB_DIR") or Path(sys.prefix) / "share" / "jupyter" / "lab"
@@ -144,7 +176,8 @@ def lab_command(root: Path, port: int, token: str, ip: str = "127.0.0.1") -> lis
     """The ``jupyter lab`` command line serving ``root`` on ``ip:port`` with ``token``."""
     command = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={root}", f"--ServerApp.ip={ip}",
                f"--ServerApp.port={port}", "--ServerApp.port_retries=0", "--no-browser",
-               f"--IdentityProvider.token={token}", "--FileContentsManager.preferred_dir=notebooks"]
+               f"--IdentityProvider.token={token}", "--FileContentsManager.preferred_dir=notebooks",
+               "--FileContentsManager.post_save_hook=rslib.lab.refresh_git_index"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         command.append("--allow-root")  # containers run as root; Jupyter refuses root without it
     return command
