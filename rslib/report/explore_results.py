@@ -41,7 +41,7 @@ from rslib.pipeline.stages import certify as certify_stage
 from rslib.pipeline.study import Study, StudyExperiment, load_experiment_folder, load_written
 from rslib.report import plots
 from rslib.report.explore_noise import png, show_mosaic, single_thread
-from rslib.report.results import DEFAULT_FOLDERS, reference_rows
+from rslib.report.results import reference_rows, what_to_run
 
 OUTCOMES = ("all", "correct", "wrong", "abstain")
 TARGETS = ("base", "smoothed")
@@ -52,11 +52,7 @@ TABLE_COLUMNS = ["idx", "label", "prediction", "correct", "count_top", "count_se
 
 def nothing_yet(root: str | os.PathLike[str]) -> str:
     """What to run, in notebook terms, when ``root`` holds no finished experiment."""
-    study, single = DEFAULT_FOLDERS
-    return (f"**Nothing to browse yet:** no finished experiment under `{Path(root).resolve()}`. Open "
-            f"`notebooks/train.ipynb` and run it, then `certify.ipynb` (and `attack.ipynb` for adversarial "
-            f"examples): they write `{single}`. Or run `make demo` in a terminal at the repository root "
-            f"(it writes the study `{study}`). Then run this notebook again.")
+    return f"**Nothing to browse yet:** no finished experiment under `{Path(root).resolve()}`. {what_to_run()}."
 
 
 @dataclass(frozen=True)

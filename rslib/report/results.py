@@ -546,8 +546,14 @@ def results_folder(output_dir: str | Path | None) -> Path:
             return candidate.resolve()
     study, single = (Path(f).resolve() for f in DEFAULT_FOLDERS)
     raise FileNotFoundError(f"nothing to show yet: no demo study in {study} and no finished experiment in {single}. "
-                            "Open and run notebooks/train.ipynb, then certify.ipynb and attack.ipynb (they write "
-                            f"{single}), or run `make demo` (it writes {study}); then run this notebook again")
+                            f"{what_to_run()}; then run this notebook again")
+
+
+def what_to_run() -> str:
+    """What a new user runs to have results to show, in notebook terms, with the folders it fills."""
+    study, single = (Path(f).resolve() for f in DEFAULT_FOLDERS)
+    return (f"Open and run notebooks/train.ipynb, then certify.ipynb and attack.ipynb (they write {single}), "
+            f"or run `make demo` (it writes {study})")
 
 
 def open_study(output_dir: str | Path | None, load_group: Callable[..., Any],
